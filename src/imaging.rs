@@ -1,0 +1,60 @@
+//! Image decoding: JPEG, PNG, WebP, BMP, GIF (first frame), TIFF → RGB8 with the EXIF
+//! orientation applied, and a header-only probe of the size (so a decompression bomb is
+//! refused before any pixel memory is taken).
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageDecoder, ImageReader};
+use tch::Tensor;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ImageError {
+    #[error("empty image")]
+    Empty,
+    #[error("unsupported or unrecognized image format")]
+    Format,
+    #[error("cannot decode image: {0}")]
+    Decode(String),
+    #[error("image is {width}x{height} = {pixels} pixels, over the limit of {limit}")]
+    TooLarge { width: u32, height: u32, pixels: u64, limit: u64 },
+}
+
+/// A decoded image: `[3, H, W]` uint8 on the CPU.
+pub struct RgbImage {
+    pub width: u32,
+    pub height: u32,
+    pub tensor: Tensor,
+}
+
+fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, ImageError> {
+    if bytes.is_empty() {
+        return Err(ImageError::Empty);
+    }
+    let r = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ImageError::Decode(e.to_string()))?;
+    if r.format().is_none() {
+        return Err(ImageError::Format);
+    }
+    Ok(r)
+}
+
+/// Width and height from the header alone.
+pub fn probe(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
+    reader(bytes)?.into_dimensions().map_err(|e| ImageError::Decode(e.to_string()))
+}
+
+/// Decodes to RGB8, refusing images over `max_pixels` from their header.
+pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
+    let (width, height) = probe(bytes)?;
+    let pixels = width as u64 * height as u64;
+    if pixels > max_pixels {
+        return Err(ImageError::TooLarge { width, height, pixels, limit: max_pixels });
+    }
+    let mut decoder = reader(bytes)?.into_decoder().map_err(|e| ImageError::Decode(e.to_string()))?;
+    let orientation = decoder.orientation().map_err(|e| ImageError::Decode(e.to_string()))?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| ImageError::Decode(e.to_string()))?;
+    img.apply_orientation(orientation);
+    let rgb = img.to_rgb8();
+    let (w, h) = rgb.dimensions();
+    let tensor = Tensor::from_slice(rgb.as_raw()).view([h as i64, w as i64, 3]).permute([2, 0, 1]).contiguous();
+    Ok(RgbImage { width: w, height: h, tensor })
+}

@@ -1,0 +1,236 @@
+//! `torchvision.models.detection.FasterRCNN` with a ResNet-50-FPN backbone, v1 and v2.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use tch::{Device, Tensor};
+
+use super::fpn::Fpn;
+use super::layers::NormKind;
+use super::resnet::ResNetBody;
+use super::roi_heads::{multiscale_roi_align, postprocess, BoxHead, Predictor, RawDetections};
+use super::rpn::{propose, RpnHead};
+use super::transform::{pad_batch, Prepared};
+use super::{guard, ModelError};
+use crate::weights::{Loader, StateDict, WeightsError};
+
+/// torchvision's `detections_per_img`.
+pub const MAX_DETECTIONS: i64 = 100;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// `fasterrcnn_resnet50_fpn`: TwoMLPHead, FPN without norm, one RPN conv.
+    V1,
+    /// `fasterrcnn_resnet50_fpn_v2`: BatchNorm everywhere, conv box head, two RPN convs.
+    V2,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ArchChoice {
+    Auto,
+    V1,
+    V2,
+}
+
+#[derive(Clone, Debug)]
+pub struct DetectorConfig {
+    pub arch: ArchChoice,
+    /// eps of v1's FrozenBatchNorm2d. None: 0.0, as the official COCO weights run.
+    pub frozen_bn_eps: Option<f64>,
+    pub device: Device,
+}
+
+pub struct FasterRcnn {
+    pub arch: Arch,
+    pub num_classes: i64,
+    pub norm: NormKind,
+    pub device: Device,
+    body: ResNetBody,
+    fpn: Fpn,
+    rpn: RpnHead,
+    box_head: BoxHead,
+    predictor: Predictor,
+}
+
+/// One image's detections in original-image pixels, best first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Detection {
+    pub bbox: [f32; 4],
+    pub score: f32,
+    pub label: i64,
+}
+
+/// Intermediate results kept for parity tests.
+pub struct Trace {
+    pub proposals: Tensor,
+    pub roi_features: Tensor,
+}
+
+/// A request to detect in one prepared image.
+pub struct DetectRequest<'a> {
+    pub image: &'a Prepared,
+    pub score_threshold: f64,
+}
+
+impl FasterRcnn {
+    pub fn load(path: &Path, config: &DetectorConfig) -> Result<Self, ModelError> {
+        let mut sd = StateDict::load(path)?;
+        rename_legacy_keys(&mut sd);
+        let arch = detect_arch(&sd, config.arch)?;
+        let num_classes = sd
+            .shape("roi_heads.box_predictor.cls_score.weight")
+            .map(|s| s[0])
+            .ok_or_else(|| unrecognized(&sd, "no roi_heads.box_predictor.cls_score.weight"))?;
+        let norm = body_norm(&sd, arch, config.frozen_bn_eps);
+        let loader = Loader::new(sd, &format!("Faster R-CNN {arch:?}"), config.device);
+        let model = Self::build(&loader, arch, num_classes, norm, config.device);
+        loader.finish()?;
+        Ok(model)
+    }
+
+    fn build(loader: &Loader, arch: Arch, num_classes: i64, norm: NormKind, device: Device) -> Self {
+        let root = loader.root();
+        let fpn_norm = (arch == Arch::V2).then_some(NormKind::Batch { eps: 1e-5 });
+        let roi = root.sub("roi_heads");
+        Self {
+            arch,
+            num_classes,
+            norm,
+            device,
+            body: ResNetBody::load(&root.sub("backbone").sub("body"), norm),
+            fpn: Fpn::load(&root.sub("backbone").sub("fpn"), &ResNetBody::channels(), fpn_norm),
+            rpn: RpnHead::load(&root.sub("rpn").sub("head"), if arch == Arch::V2 { 2 } else { 1 }),
+            box_head: match arch {
+                Arch::V1 => BoxHead::load_mlp(&roi.sub("box_head")),
+                Arch::V2 => BoxHead::load_conv(&roi.sub("box_head")),
+            },
+            predictor: Predictor::load(&roi.sub("box_predictor"), num_classes),
+        }
+    }
+
+    /// Detections for each image, in input order. Images are batched only with images of the
+    /// same padded size, so each result equals the image's single-image result.
+    pub fn detect(&self, requests: &[DetectRequest]) -> Result<Vec<Vec<Detection>>, ModelError> {
+        let traced = self.detect_traced(requests, false)?;
+        Ok(traced.into_iter().map(|(d, _)| d).collect())
+    }
+
+    /// As `detect`, also returning the RPN proposals and RoIAlign features when `trace`.
+    pub fn detect_traced(
+        &self,
+        requests: &[DetectRequest],
+        trace: bool,
+    ) -> Result<Vec<(Vec<Detection>, Option<Trace>)>, ModelError> {
+        guard(|| {
+            let _no_grad = tch::no_grad_guard();
+            let mut groups: BTreeMap<(i64, i64), Vec<usize>> = BTreeMap::new();
+            for (i, r) in requests.iter().enumerate() {
+                groups.entry(r.image.padded()).or_default().push(i);
+            }
+            let mut out: Vec<Option<(Vec<Detection>, Option<Trace>)>> = requests.iter().map(|_| None).collect();
+            for (padded, members) in groups {
+                let group: Vec<&DetectRequest> = members.iter().map(|&i| &requests[i]).collect();
+                for (i, result) in members.into_iter().zip(self.forward_group(&group, padded, trace)) {
+                    out[i] = Some(result);
+                }
+            }
+            out.into_iter().map(|r| r.expect("every image belongs to one group")).collect()
+        })
+    }
+
+    fn forward_group(&self, group: &[&DetectRequest], padded: (i64, i64), trace: bool) -> Vec<(Vec<Detection>, Option<Trace>)> {
+        let images: Vec<&Prepared> = group.iter().map(|r| r.image).collect();
+        let batch = pad_batch(&images, padded).to_device(self.device);
+        let features = self.fpn.forward(&self.body.forward(&batch));
+        let sizes: Vec<(i64, i64)> = images.iter().map(|p| p.resized).collect();
+        let proposals = propose(&self.rpn, &features, &sizes, padded);
+        group
+            .iter()
+            .enumerate()
+            .map(|(b, r)| {
+                let per_image: Vec<Tensor> = features[..4].iter().map(|f| f.get(b as i64)).collect();
+                let pooled = multiscale_roi_align(&per_image, &proposals[b], r.image.resized);
+                let x = self.box_head.forward(&pooled);
+                let logits = self.predictor.cls_score.forward(&x);
+                let deltas = self.predictor.bbox_pred.forward(&x);
+                let raw = postprocess(&logits, &deltas, &proposals[b], r.image.resized, r.score_threshold, MAX_DETECTIONS);
+                let dets = to_original(&raw, r.image);
+                let t = trace.then(|| Trace { proposals: proposals[b].shallow_clone(), roi_features: pooled });
+                (dets, t)
+            })
+            .collect()
+    }
+}
+
+/// Boxes back to original pixels: per-axis ratios `f32(original) / f32(resized)`.
+fn to_original(raw: &RawDetections, image: &Prepared) -> Vec<Detection> {
+    let ratio_h = image.original.0 as f32 / image.resized.0 as f32;
+    let ratio_w = image.original.1 as f32 / image.resized.1 as f32;
+    let ratios = Tensor::from_slice(&[ratio_w, ratio_h, ratio_w, ratio_h]).to_device(raw.boxes.device());
+    let boxes = (&raw.boxes * ratios).to_device(Device::Cpu);
+    let boxes = Vec::<f32>::try_from(boxes.reshape([-1])).expect("f32 boxes");
+    let scores = Vec::<f32>::try_from(raw.scores.to_device(Device::Cpu)).expect("f32 scores");
+    let labels = Vec::<i64>::try_from(raw.labels.to_device(Device::Cpu)).expect("i64 labels");
+    boxes
+        .chunks_exact(4)
+        .zip(scores)
+        .zip(labels)
+        .map(|((b, score), label)| Detection { bbox: [b[0], b[1], b[2], b[3]], score, label })
+        .collect()
+}
+
+fn unrecognized(sd: &StateDict, reason: &str) -> WeightsError {
+    WeightsError::Unrecognized { path: sd.path.clone(), reason: format!("not a Faster R-CNN checkpoint: {reason}") }
+}
+
+/// Checkpoints saved before torchvision 0.13 name FPN blocks `inner_blocks.{i}.weight` and the
+/// RPN conv `rpn.head.conv.weight`; torchvision renames them on load, and so does detectd.
+fn rename_legacy_keys(sd: &mut StateDict) {
+    for family in ["inner_blocks", "layer_blocks"] {
+        for i in 0..4 {
+            let old = format!("backbone.fpn.{family}.{i}.");
+            for param in ["weight", "bias"] {
+                if sd.has(&format!("{old}{param}")) {
+                    sd.rename_prefix(&format!("{old}{param}"), &format!("{old}0.{param}"));
+                }
+            }
+        }
+    }
+    for param in ["weight", "bias"] {
+        let old = format!("rpn.head.conv.{param}");
+        if sd.has(&old) {
+            sd.rename_prefix(&old, &format!("rpn.head.conv.0.0.{param}"));
+        }
+    }
+}
+
+fn detect_arch(sd: &StateDict, choice: ArchChoice) -> Result<Arch, WeightsError> {
+    let found = if sd.has("roi_heads.box_head.fc6.weight") {
+        Arch::V1
+    } else if sd.has("roi_heads.box_head.5.weight") {
+        Arch::V2
+    } else {
+        return Err(unrecognized(sd, "no roi_heads.box_head.fc6 (v1) or roi_heads.box_head.5 (v2) keys"));
+    };
+    match choice {
+        ArchChoice::Auto => Ok(found),
+        ArchChoice::V1 if found == Arch::V1 => Ok(found),
+        ArchChoice::V2 if found == Arch::V2 => Ok(found),
+        _ => Err(WeightsError::Unrecognized {
+            path: sd.path.clone(),
+            reason: format!("--arch {choice:?} was asked for, but the file holds a {found:?} detector"),
+        }),
+    }
+}
+
+/// v2 and BatchNorm-built v1 checkpoints carry `num_batches_tracked`; FrozenBatchNorm2d ones
+/// (the official v1 weights and anything fine-tuned from them) do not.
+fn body_norm(sd: &StateDict, arch: Arch, frozen_eps: Option<f64>) -> NormKind {
+    let batch_norm = arch == Arch::V2 || sd.has("backbone.body.bn1.num_batches_tracked");
+    match (batch_norm, frozen_eps) {
+        (_, Some(eps)) if arch == Arch::V1 => NormKind::Frozen { eps },
+        (true, _) => NormKind::Batch { eps: 1e-5 },
+        (false, eps) => NormKind::Frozen { eps: eps.unwrap_or(0.0) },
+    }
+}

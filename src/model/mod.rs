@@ -1,0 +1,51 @@
+//! Model code: torchvision's detector and classifier on libtorch. Knows nothing of HTTP.
+
+pub mod anchors;
+pub mod classifier;
+pub mod detector;
+pub mod device;
+pub mod fpn;
+pub mod layers;
+pub mod ops;
+pub mod resnet;
+pub mod roi_heads;
+pub mod rpn;
+pub mod transform;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use crate::weights::WeightsError;
+
+pub use classifier::{Classifier, Prediction, Preset};
+pub use detector::{Arch, ArchChoice, DetectRequest, Detection, DetectorConfig, FasterRcnn};
+pub use device::{DeviceChoice, Precision};
+
+/// Errors of the model layer. Clone, so one failure can be handed to every request of a batch.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ModelError {
+    #[error("{0}")]
+    Weights(String),
+    #[error("device: {0}")]
+    Device(String),
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+impl From<WeightsError> for ModelError {
+    fn from(e: WeightsError) -> Self {
+        ModelError::Weights(e.to_string())
+    }
+}
+
+/// Runs libtorch work, turning a panic (tch panics on libtorch errors) into an error so that
+/// one bad batch does not take the caller down.
+pub(crate) fn guard<T>(f: impl FnOnce() -> T) -> Result<T, ModelError> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
+        let msg = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        ModelError::Inference(msg)
+    })
+}

@@ -1,0 +1,244 @@
+"""Reference outputs from torchvision, made at test time.
+
+Makes seeded random checkpoints (perturbed so that detections survive the 0.05 score threshold),
+test images, and torchvision's outputs for them; the Rust tests compare detectd against these.
+Nothing here is typed in by hand: every expected number comes from torchvision.
+
+Usage: python tvref.py COMMAND --out DIR [options]; see main().
+"""
+
+import argparse
+import copy
+import json
+import os
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from safetensors.torch import save_file
+from torchvision.models.detection import FasterRCNN, fasterrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn_v2
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.ops import misc as misc_ops
+
+torch.set_grad_enabled(False)
+
+
+def perturb_(model, seed):
+    """Randomize normalization statistics and sharpen class logits so random weights detect."""
+    g = torch.Generator().manual_seed(seed + 1)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.BatchNorm2d, misc_ops.FrozenBatchNorm2d)):
+            c = m.running_mean.shape[0]
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=g) * 0.5 + 0.75)
+            m.bias.data.copy_(torch.randn(c, generator=g) * 0.1)
+    if hasattr(model, "roi_heads"):
+        pred = model.roi_heads.box_predictor
+        pred.cls_score.weight.data.mul_(1.5)
+        pred.cls_score.bias.data.copy_(torch.randn(pred.cls_score.bias.shape, generator=g))
+        pred.bbox_pred.weight.data.mul_(5.0)
+        model.rpn.head.cls_logits.weight.data.mul_(3.0)
+    if hasattr(model, "fc"):
+        model.fc.weight.data.mul_(30.0)
+
+
+def build_detector(arch, num_classes=91, frozen_eps=None):
+    """v1 'frozen' mirrors the official COCO_V1 build: FrozenBatchNorm2d, eps overwritten."""
+    if arch == "v2":
+        return fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=num_classes)
+    if frozen_eps is None:
+        return fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes)
+    body = torchvision.models.resnet50(norm_layer=misc_ops.FrozenBatchNorm2d)
+    model = FasterRCNN(_resnet_fpn_extractor(body, 3), num_classes=num_classes)
+    for m in model.modules():
+        if isinstance(m, misc_ops.FrozenBatchNorm2d):
+            m.eps = frozen_eps
+    return model
+
+
+def save_state_dict(sd, path, fmt):
+    if fmt == "safetensors":
+        save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    elif fmt == "pth-legacy":
+        torch.save(sd, path, _use_new_zipfile_serialization=False)
+    else:
+        torch.save(sd, path)
+
+
+def legacy_names(sd):
+    """The key names of checkpoints saved before torchvision 0.13 (FPN and RPN head _version 1)."""
+    out = {}
+    for k, v in sd.items():
+        for fam in ("backbone.fpn.inner_blocks.", "backbone.fpn.layer_blocks."):
+            if k.startswith(fam):
+                i, rest = k[len(fam):].split(".", 1)
+                k = f"{fam}{i}.{rest[2:]}" if rest.startswith("0.") else k
+        k = k.replace("rpn.head.conv.0.0.", "rpn.head.conv.")
+        out[k] = v
+    return out
+
+
+def cmd_make_detector(a):
+    torch.manual_seed(a.seed)
+    model = build_detector(a.arch, a.num_classes, a.frozen_eps).eval()
+    perturb_(model, a.seed)
+    sd = model.state_dict()
+    if a.legacy_names:
+        sd = legacy_names(sd)
+    save_state_dict(sd, a.weights, a.format)
+
+
+def cmd_make_classifier(a):
+    torch.manual_seed(a.seed)
+    model = torchvision.models.resnet50(weights=None).eval()
+    perturb_(model, a.seed)
+    save_state_dict(model.state_dict(), a.weights, a.format)
+
+
+def load_rgb_u8(path):
+    """Decoded exactly as detectd decodes PNG: to RGB8 (grayscale replicated)."""
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+def cmd_ref_detector(a):
+    model = build_detector(a.arch, a.num_classes, a.frozen_eps).eval()
+    model.load_state_dict(torch.load(a.weights))
+    tensors = {}
+    for i, path in enumerate(a.images):
+        img = load_rgb_u8(path).float() / 255
+        # A fresh copy per image: MultiScaleRoIAlign caches its scales at the first call, and
+        # detectd computes them per image, as torchvision does for an image processed first.
+        m = copy.deepcopy(model)
+        seen = {}
+        m.rpn.register_forward_hook(lambda mod, inp, out: seen.__setitem__("proposals", out[0][0]))
+        m.roi_heads.box_roi_pool.register_forward_hook(
+            lambda mod, inp, out: seen.__setitem__("roi_features", out))
+        det = m([img])[0]
+        tensors[f"{i}.proposals"] = seen["proposals"].contiguous()
+        tensors[f"{i}.roi_features"] = seen["roi_features"].contiguous()
+        tensors[f"{i}.boxes"] = det["boxes"].contiguous()
+        tensors[f"{i}.scores"] = det["scores"].contiguous()
+        tensors[f"{i}.labels"] = det["labels"].contiguous()
+    save_file(tensors, a.out)
+
+
+def cmd_ref_classifier(a):
+    from torchvision.transforms._presets import ImageClassification
+    model = torchvision.models.resnet50(weights=None).eval()
+    model.load_state_dict(torch.load(a.weights))
+    resize = 256 if a.preset == "v1" else 232
+    preset = ImageClassification(crop_size=224, resize_size=resize)
+    tensors = {}
+    for i, path in enumerate(a.images):
+        x = preset(load_rgb_u8(path))
+        tensors[f"{i}.input"] = x.contiguous()
+        tensors[f"{i}.probs"] = model(x[None]).softmax(-1)[0].contiguous()
+    save_file(tensors, a.out)
+
+
+def cmd_images(a):
+    """Smooth random scenes with edges, so that features vary across the image."""
+    rng = np.random.default_rng(a.seed)
+    for spec in a.specs:
+        name, size, mode = spec.split(":")
+        h, w = (int(v) for v in size.split("x"))
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.zeros((h, w, 3), np.float64)
+        for c in range(3):
+            fy, fx = rng.uniform(0.005, 0.05, 2)
+            img[..., c] = 128 + 80 * np.sin(yy * fy + rng.uniform(0, 6)) * np.cos(xx * fx)
+        for _ in range(6):
+            y0, x0 = rng.integers(0, h), rng.integers(0, w)
+            y1, x1 = min(h, y0 + rng.integers(h // 8 + 1, h // 2 + 2)), min(w, x0 + rng.integers(w // 8 + 1, w // 2 + 2))
+            img[y0:y1, x0:x1] = rng.uniform(0, 255, 3)
+        img += rng.normal(0, 12, img.shape)
+        img = np.clip(img, 0, 255).astype(np.uint8)
+        pil = Image.fromarray(img)
+        if mode == "L":
+            pil = pil.convert("L")
+        pil.save(os.path.join(a.out_dir, name))
+
+
+def cmd_ops(a):
+    """Random NMS and RoIAlign cases with ties, border boxes and degenerate boxes."""
+    from torchvision.ops import nms, roi_align, batched_nms
+    g = torch.Generator().manual_seed(a.seed)
+    t = {}
+    for i in range(a.cases):
+        n = [0, 1, 7, 300, 1200][i % 5]
+        xy = torch.rand(n, 2, generator=g) * 100
+        wh = torch.rand(n, 2, generator=g) * 40
+        if n:
+            wh[: max(1, n // 10)] = 0  # degenerate boxes
+            xy[n // 10: n // 5] = 0  # on the border
+        boxes = torch.cat([xy, xy + wh], 1)
+        scores = (torch.rand(n, generator=g) * 10).round() / 10  # many ties
+        idxs = torch.randint(0, 4, (n,), generator=g)
+        thr = [0.3, 0.5, 0.7][i % 3]
+        t[f"nms.{i}.boxes"], t[f"nms.{i}.scores"], t[f"nms.{i}.idxs"] = boxes, scores, idxs
+        t[f"nms.{i}.thr"] = torch.tensor([thr], dtype=torch.float64)
+        t[f"nms.{i}.keep"] = nms(boxes, scores, thr)
+        t[f"nms.{i}.batched_keep"] = batched_nms(boxes, scores, idxs, thr)
+    for i in range(a.cases):
+        c, h, w = 3, 13 + i, 17 + 2 * i
+        feat = torch.randn(2, c, h, w, generator=g)
+        scale = [1.0, 0.5, 0.25, 0.125][i % 4]
+        k = 40
+        xy = torch.rand(k, 2, generator=g) * torch.tensor([w, h]) / scale * 1.2 - 4
+        wh = torch.rand(k, 2, generator=g) * 30 / scale
+        wh[:4] = 0
+        wh[4:8] *= -0.1  # malformed: x2 < x1
+        xy[8:12] = torch.tensor([w, h]) / scale - 0.3  # past the bottom-right edge
+        b = torch.randint(0, 2, (k, 1), generator=g).float()
+        rois = torch.cat([b, xy, xy + wh], 1)
+        t[f"roi.{i}.feat"], t[f"roi.{i}.rois"] = feat, rois
+        t[f"roi.{i}.scale"] = torch.tensor([scale], dtype=torch.float64)
+        t[f"roi.{i}.out"] = roi_align(feat, rois, (7, 7), scale, 2, False)
+    save_file({k: v.contiguous() for k, v in t.items()}, a.out)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("make-detector")
+    s.add_argument("--arch", choices=["v1", "v2"], required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--num-classes", type=int, default=91)
+    s.add_argument("--frozen-eps", type=float, default=None)
+    s.add_argument("--legacy-names", action="store_true")
+    s.add_argument("--format", choices=["pth", "pth-legacy", "safetensors"], default="pth")
+    s.add_argument("--weights", required=True)
+    s = sub.add_parser("make-classifier")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--format", choices=["pth", "pth-legacy", "safetensors"], default="pth")
+    s.add_argument("--weights", required=True)
+    s = sub.add_parser("ref-detector")
+    s.add_argument("--arch", choices=["v1", "v2"], required=True)
+    s.add_argument("--num-classes", type=int, default=91)
+    s.add_argument("--frozen-eps", type=float, default=None)
+    s.add_argument("--weights", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("images", nargs="+")
+    s = sub.add_parser("ref-classifier")
+    s.add_argument("--preset", choices=["v1", "v2"], required=True)
+    s.add_argument("--weights", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("images", nargs="+")
+    s = sub.add_parser("images")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out-dir", required=True)
+    s.add_argument("specs", nargs="+", help="name:HxW:RGB|L")
+    s = sub.add_parser("ops")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--cases", type=int, default=15)
+    s.add_argument("--out", required=True)
+    a = p.parse_args()
+    torch.set_num_threads(int(os.environ.get("TVREF_THREADS", torch.get_num_threads())))
+    globals()["cmd_" + a.cmd.replace("-", "_")](a)
+
+
+if __name__ == "__main__":
+    main()
