@@ -186,7 +186,7 @@ fn unrecognized(sd: &StateDict, reason: &str) -> WeightsError {
 
 /// Checkpoints saved before torchvision 0.13 name FPN blocks `inner_blocks.{i}.weight` and the
 /// RPN conv `rpn.head.conv.weight`; torchvision renames them on load, and so does detectd.
-fn rename_legacy_keys(sd: &mut StateDict) {
+pub fn rename_legacy_keys(sd: &mut StateDict) {
     for family in ["inner_blocks", "layer_blocks"] {
         for i in 0..4 {
             let old = format!("backbone.fpn.{family}.{i}.");

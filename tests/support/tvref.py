@@ -42,7 +42,24 @@ def perturb_(model, seed):
         pred.bbox_pred.weight.data.mul_(5.0)
         model.rpn.head.cls_logits.weight.data.mul_(3.0)
     if hasattr(model, "fc"):
-        model.fc.weight.data.mul_(30.0)
+        calibrate_fc_(model, g)
+
+
+def calibrate_fc_(model, g):
+    """Random BN statistics make pooled features nearly image-independent, so a random fc
+    predicts one class for everything. Centre and scale the fc on the features of a few noise
+    images, so that predictions differ between images and top-1 probabilities are moderate."""
+    fc = model.fc
+    model.fc = torch.nn.Identity()
+    coarse = torch.rand(8, 3, 6, 6, generator=g)
+    images = torch.nn.functional.interpolate(coarse, size=(224, 224), mode="bilinear")
+    feats = model((images - 0.45) / 0.225)
+    model.fc = fc
+    mu, sd = feats.mean(0), feats.std(0) + 1e-6
+    w = torch.randn(fc.weight.shape, generator=g) / sd
+    w *= 3.0 / ((feats - mu) @ w.T).std()
+    fc.weight.data.copy_(w)
+    fc.bias.data.copy_(-(w @ mu))
 
 
 def build_detector(arch, num_classes=91, frozen_eps=None):
