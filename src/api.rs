@@ -23,13 +23,22 @@ pub struct PredictionJson {
 
 pub fn detections_json(dets: &[Detection], labels: &Labels) -> Vec<DetectionJson> {
     dets.iter()
-        .map(|d| DetectionJson { bbox: d.bbox, score: d.score, label_id: d.label, label: labels.name(d.label).to_owned() })
+        .map(|d| DetectionJson {
+            bbox: d.bbox,
+            score: d.score,
+            label_id: d.label,
+            label: labels.name(d.label).to_owned(),
+        })
         .collect()
 }
 
 pub fn predictions_json(preds: &[Prediction], labels: &Labels) -> Vec<PredictionJson> {
     preds
         .iter()
-        .map(|p| PredictionJson { label_id: p.label, label: labels.name(p.label).to_owned(), score: p.score })
+        .map(|p| PredictionJson {
+            label_id: p.label,
+            label: labels.name(p.label).to_owned(),
+            score: p.score,
+        })
         .collect()
 }

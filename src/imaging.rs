@@ -16,7 +16,12 @@ pub enum ImageError {
     #[error("cannot decode image: {0}")]
     Decode(String),
     #[error("image is {width}x{height} = {pixels} pixels, over the limit of {limit}")]
-    TooLarge { width: u32, height: u32, pixels: u64, limit: u64 },
+    TooLarge {
+        width: u32,
+        height: u32,
+        pixels: u64,
+        limit: u64,
+    },
 }
 
 /// A decoded image: `[3, H, W]` uint8 on the CPU.
@@ -30,7 +35,9 @@ fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
-    let r = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ImageError::Decode(e.to_string()))?;
+    let r = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ImageError::Decode(e.to_string()))?;
     if r.format().is_none() {
         return Err(ImageError::Format);
     }
@@ -39,7 +46,9 @@ fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, ImageError> {
 
 /// Width and height from the header alone.
 pub fn probe(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
-    reader(bytes)?.into_dimensions().map_err(|e| ImageError::Decode(e.to_string()))
+    reader(bytes)?
+        .into_dimensions()
+        .map_err(|e| ImageError::Decode(e.to_string()))
 }
 
 /// Decodes to RGB8, refusing images over `max_pixels` from their header.
@@ -47,14 +56,31 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
     let (width, height) = probe(bytes)?;
     let pixels = width as u64 * height as u64;
     if pixels > max_pixels {
-        return Err(ImageError::TooLarge { width, height, pixels, limit: max_pixels });
+        return Err(ImageError::TooLarge {
+            width,
+            height,
+            pixels,
+            limit: max_pixels,
+        });
     }
-    let mut decoder = reader(bytes)?.into_decoder().map_err(|e| ImageError::Decode(e.to_string()))?;
-    let orientation = decoder.orientation().map_err(|e| ImageError::Decode(e.to_string()))?;
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| ImageError::Decode(e.to_string()))?;
+    let mut decoder = reader(bytes)?
+        .into_decoder()
+        .map_err(|e| ImageError::Decode(e.to_string()))?;
+    let orientation = decoder
+        .orientation()
+        .map_err(|e| ImageError::Decode(e.to_string()))?;
+    let mut img =
+        DynamicImage::from_decoder(decoder).map_err(|e| ImageError::Decode(e.to_string()))?;
     img.apply_orientation(orientation);
     let rgb = img.to_rgb8();
     let (w, h) = rgb.dimensions();
-    let tensor = Tensor::from_slice(rgb.as_raw()).view([h as i64, w as i64, 3]).permute([2, 0, 1]).contiguous();
-    Ok(RgbImage { width: w, height: h, tensor })
+    let tensor = Tensor::from_slice(rgb.as_raw())
+        .view([h as i64, w as i64, 3])
+        .permute([2, 0, 1])
+        .contiguous();
+    Ok(RgbImage {
+        width: w,
+        height: h,
+        tensor,
+    })
 }

@@ -11,7 +11,11 @@ pub enum LabelsError {
     #[error("cannot read labels file {0}: {1}")]
     Read(String, std::io::Error),
     #[error("labels file {file} names {found} classes, the model has {expected}")]
-    Count { file: String, found: usize, expected: i64 },
+    Count {
+        file: String,
+        found: usize,
+        expected: i64,
+    },
 }
 
 /// Names by class id.
@@ -42,10 +46,15 @@ impl Labels {
 
     /// The labels for a model with `num_classes` outputs: the file if given, else the table
     /// that fits (COCO for 91 detector classes, ImageNet for 1000), else `class_<id>`.
-    pub fn for_model(file: Option<&Path>, num_classes: i64, default: fn() -> Labels) -> Result<Self, LabelsError> {
+    pub fn for_model(
+        file: Option<&Path>,
+        num_classes: i64,
+        default: fn() -> Labels,
+    ) -> Result<Self, LabelsError> {
         let labels = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| LabelsError::Read(path.display().to_string(), e))?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| LabelsError::Read(path.display().to_string(), e))?;
                 Self::parse(&text)
             }
             None => {
@@ -76,7 +85,11 @@ impl Labels {
     }
 
     pub fn name(&self, id: i64) -> &str {
-        usize::try_from(id).ok().and_then(|i| self.0.get(i)).map(String::as_str).unwrap_or("unknown")
+        usize::try_from(id)
+            .ok()
+            .and_then(|i| self.0.get(i))
+            .map(String::as_str)
+            .unwrap_or("unknown")
     }
 
     pub fn names(&self) -> &[String] {

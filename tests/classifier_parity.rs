@@ -19,23 +19,55 @@ const IMAGES: [&str; 5] = [
 
 fn parity(preset: Preset, name: &str) {
     let images = images(&IMAGES);
-    let weights = tvref(&data_dir().join("cls.pth"), &["make-classifier", "--seed", "3", "--weights", "{out}"]);
+    let weights = tvref(
+        &data_dir().join("cls.pth"),
+        &["make-classifier", "--seed", "3", "--weights", "{out}"],
+    );
     let w = path_str(&weights);
-    let mut args = vec!["ref-classifier", "--preset", name, "--weights", &w, "--out", "{out}"];
+    let mut args = vec![
+        "ref-classifier",
+        "--preset",
+        name,
+        "--weights",
+        &w,
+        "--out",
+        "{out}",
+    ];
     let paths: Vec<String> = images.iter().map(|p| path_str(p)).collect();
     args.extend(paths.iter().map(String::as_str));
-    let refs = read_tensors(&tvref(&data_dir().join(format!("ref_cls_{name}.safetensors")), &args));
+    let refs = read_tensors(&tvref(
+        &data_dir().join(format!("ref_cls_{name}.safetensors")),
+        &args,
+    ));
     let model = Classifier::load(&weights, Device::Cpu).expect("load classifier");
-    let inputs: Vec<_> = images.iter().map(|p| prepare_classifier(&decode_file(p), preset.resize(), CROP)).collect();
+    let inputs: Vec<_> = images
+        .iter()
+        .map(|p| prepare_classifier(&decode_file(p), preset.resize(), CROP))
+        .collect();
     let refs_in: Vec<_> = inputs.iter().collect();
     let probs = model.probabilities(&refs_in).expect("classify");
     for (i, path) in images.iter().enumerate() {
         let what = format!("{name} {}", path_str(path));
-        assert_close(&format!("{what} input"), &inputs[i], &refs[&format!("{i}.input")], 1e-6);
-        assert_close(&format!("{what} probabilities"), &probs.get(i as i64), &refs[&format!("{i}.probs")], 1e-4);
+        assert_close(
+            &format!("{what} input"),
+            &inputs[i],
+            &refs[&format!("{i}.input")],
+            1e-6,
+        );
+        assert_close(
+            &format!("{what} probabilities"),
+            &probs.get(i as i64),
+            &refs[&format!("{i}.probs")],
+            1e-4,
+        );
     }
-    let top1: Vec<i64> = (0..images.len() as i64).map(|i| probs.get(i).argmax(0, false).int64_value(&[])).collect();
-    assert!(top1.iter().any(|&c| c != top1[0]) || images.len() == 1, "perturbed weights should not predict one class for all");
+    let top1: Vec<i64> = (0..images.len() as i64)
+        .map(|i| probs.get(i).argmax(0, false).int64_value(&[]))
+        .collect();
+    assert!(
+        top1.iter().any(|&c| c != top1[0]) || images.len() == 1,
+        "perturbed weights should not predict one class for all"
+    );
 }
 
 #[test]

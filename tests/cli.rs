@@ -10,11 +10,17 @@ use common::*;
 use serde_json::Value;
 
 fn detectd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_detectd")).args(args).output().expect("run detectd")
+    Command::new(env!("CARGO_BIN_EXE_detectd"))
+        .args(args)
+        .output()
+        .expect("run detectd")
 }
 
 fn lines(out: &Output) -> Vec<Value> {
-    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
 }
 
 /// A fine-tuned 5-class detector with a labels file: classes from the predictor's shape, names
@@ -22,15 +28,66 @@ fn lines(out: &Output) -> Vec<Value> {
 #[test]
 fn detect_fine_tuned_checkpoint_with_labels_file() {
     let imgs = images(&["d480x640.png:480x640:RGB"]);
-    let weights = tvref(&data_dir().join("det_5class.pth"), &["make-detector", "--arch", "v1", "--frozen-eps", "0.0", "--num-classes", "5", "--seed", "9", "--weights", "{out}"]);
+    let weights = tvref(
+        &data_dir().join("det_5class.pth"),
+        &[
+            "make-detector",
+            "--arch",
+            "v1",
+            "--frozen-eps",
+            "0.0",
+            "--num-classes",
+            "5",
+            "--seed",
+            "9",
+            "--weights",
+            "{out}",
+        ],
+    );
     let labels = data_dir().join("5class.txt");
     std::fs::write(&labels, "background\ncat\ndog\nbird\nfish\n").expect("write labels");
     let (w, img) = (path_str(&weights), path_str(&imgs[0]));
-    let refs = read_tensors(&tvref(&data_dir().join("ref_5class.safetensors"), &["ref-detector", "--arch", "v1", "--frozen-eps", "0.0", "--num-classes", "5", "--weights", &w, "--out", "{out}", &img]));
-    let out = detectd(&["detect", "--weights", &w, "--labels", &path_str(&labels), "--device", "cpu", &img]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let refs = read_tensors(&tvref(
+        &data_dir().join("ref_5class.safetensors"),
+        &[
+            "ref-detector",
+            "--arch",
+            "v1",
+            "--frozen-eps",
+            "0.0",
+            "--num-classes",
+            "5",
+            "--weights",
+            &w,
+            "--out",
+            "{out}",
+            &img,
+        ],
+    ));
+    let out = detectd(&[
+        "detect",
+        "--weights",
+        &w,
+        "--labels",
+        &path_str(&labels),
+        "--device",
+        "cpu",
+        &img,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let result = &lines(&out)[0];
-    assert_eq!((result["image"].as_str(), result["width"].as_i64(), result["height"].as_i64()), (Some(img.as_str()), Some(640), Some(480)));
+    assert_eq!(
+        (
+            result["image"].as_str(),
+            result["width"].as_i64(),
+            result["height"].as_i64()
+        ),
+        (Some(img.as_str()), Some(640), Some(480))
+    );
     let dets = result["detections"].as_array().expect("detections");
     let ref_scores: Vec<f32> = refs["0.scores"].shallow_clone().try_into().expect("scores");
     let ref_labels: Vec<i64> = refs["0.labels"].shallow_clone().try_into().expect("labels");
@@ -41,32 +98,68 @@ fn detect_fine_tuned_checkpoint_with_labels_file() {
         assert!((d["score"].as_f64().expect("score") - ref_scores[i] as f64).abs() < 1e-4);
         assert_eq!(d["label_id"].as_i64(), Some(ref_labels[i]));
         assert_eq!(d["label"].as_str(), Some(names[ref_labels[i] as usize]));
-        assert!(i == 0 || dets[i - 1]["score"].as_f64() >= d["score"].as_f64(), "sorted by score");
+        assert!(
+            i == 0 || dets[i - 1]["score"].as_f64() >= d["score"].as_f64(),
+            "sorted by score"
+        );
     }
 }
 
 #[test]
 fn unreadable_files_are_named_and_the_rest_still_printed() {
     let imgs = images(&["cgray.png:240x320:L", "c100x80.png:100x80:RGB"]);
-    let weights = tvref(&data_dir().join("cls.pth"), &["make-classifier", "--seed", "3", "--weights", "{out}"]);
+    let weights = tvref(
+        &data_dir().join("cls.pth"),
+        &["make-classifier", "--seed", "3", "--weights", "{out}"],
+    );
     let broken = data_dir().join("broken.jpg");
     std::fs::write(&broken, b"\xff\xd8\xff\xe0 truncated").expect("write broken");
     let missing = data_dir().join("no-such-file.png");
-    let args = ["classify", "--weights", &path_str(&weights), "--top-k", "3", "--device", "cpu", &path_str(&imgs[0]), &path_str(&broken), &path_str(&missing), &path_str(&imgs[1])];
+    let args = [
+        "classify",
+        "--weights",
+        &path_str(&weights),
+        "--top-k",
+        "3",
+        "--device",
+        "cpu",
+        &path_str(&imgs[0]),
+        &path_str(&broken),
+        &path_str(&missing),
+        &path_str(&imgs[1]),
+    ];
     let out = detectd(&args);
-    assert!(!out.status.success(), "a failed file must fail the exit code");
+    assert!(
+        !out.status.success(),
+        "a failed file must fail the exit code"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("broken.jpg") && stderr.contains("no-such-file.png"), "{stderr}");
+    assert!(
+        stderr.contains("broken.jpg") && stderr.contains("no-such-file.png"),
+        "{stderr}"
+    );
     let results = lines(&out);
     assert_eq!(results.len(), 2);
-    assert_eq!(results[0]["image"].as_str(), Some(path_str(&imgs[0]).as_str()));
-    assert_eq!(results[1]["image"].as_str(), Some(path_str(&imgs[1]).as_str()));
+    assert_eq!(
+        results[0]["image"].as_str(),
+        Some(path_str(&imgs[0]).as_str())
+    );
+    assert_eq!(
+        results[1]["image"].as_str(),
+        Some(path_str(&imgs[1]).as_str())
+    );
     for r in &results {
         let preds = r["predictions"].as_array().expect("predictions");
         assert_eq!(preds.len(), 3);
-        let total: f64 = preds.iter().map(|p| p["score"].as_f64().unwrap_or(0.0)).sum();
+        let total: f64 = preds
+            .iter()
+            .map(|p| p["score"].as_f64().unwrap_or(0.0))
+            .sum();
         assert!(total <= 1.0 + 1e-5);
         let id = preds[0]["label_id"].as_i64().expect("label id");
-        assert_eq!(preds[0]["label"].as_str(), Some(detectd::labels::Labels::imagenet().name(id)));
+        assert_eq!(
+            preds[0]["label"].as_str(),
+            Some(detectd::labels::Labels::imagenet().name(id))
+        );
     }
 }

@@ -10,21 +10,54 @@ use detectd::model::transform::prepare_detector;
 use detectd::model::{ArchChoice, DetectRequest, Detection, FasterRcnn};
 use tch::{Device, Kind, Tensor};
 
-const IMAGES: [&str; 4] = ["d480x640.png:480x640:RGB", "d97x130.png:97x130:RGB", "d100x2000.png:100x2000:RGB", "dgray.png:150x200:L"];
+const IMAGES: [&str; 4] = [
+    "d480x640.png:480x640:RGB",
+    "d97x130.png:97x130:RGB",
+    "d100x2000.png:100x2000:RGB",
+    "dgray.png:150x200:L",
+];
 
 fn model(arch: &str, extra: &[&str]) -> (FasterRcnn, std::path::PathBuf) {
     let weights = data_dir().join(format!("det_{arch}.pth"));
-    let mut args = vec!["make-detector", "--arch", arch, "--seed", "7", "--weights", "{out}"];
+    let mut args = vec![
+        "make-detector",
+        "--arch",
+        arch,
+        "--seed",
+        "7",
+        "--weights",
+        "{out}",
+    ];
     args.extend_from_slice(extra);
     tvref(&weights, &args);
-    let config = DetectorConfig { arch: ArchChoice::Auto, frozen_bn_eps: None, device: Device::Cpu };
-    (FasterRcnn::load(&weights, &config).expect("load detector"), weights)
+    let config = DetectorConfig {
+        arch: ArchChoice::Auto,
+        frozen_bn_eps: None,
+        device: Device::Cpu,
+    };
+    (
+        FasterRcnn::load(&weights, &config).expect("load detector"),
+        weights,
+    )
 }
 
-fn reference(arch: &str, weights: &std::path::Path, images: &[std::path::PathBuf], extra: &[&str]) -> std::collections::HashMap<String, Tensor> {
+fn reference(
+    arch: &str,
+    weights: &std::path::Path,
+    images: &[std::path::PathBuf],
+    extra: &[&str],
+) -> std::collections::HashMap<String, Tensor> {
     let out = data_dir().join(format!("ref_det_{arch}.safetensors"));
     let w = path_str(weights);
-    let mut args = vec!["ref-detector", "--arch", arch, "--weights", &w, "--out", "{out}"];
+    let mut args = vec![
+        "ref-detector",
+        "--arch",
+        arch,
+        "--weights",
+        &w,
+        "--out",
+        "{out}",
+    ];
     args.extend_from_slice(extra);
     let paths: Vec<String> = images.iter().map(|p| path_str(p)).collect();
     args.extend(paths.iter().map(String::as_str));
@@ -35,15 +68,38 @@ fn as_tensors(dets: &[Detection]) -> (Tensor, Tensor, Tensor) {
     let boxes: Vec<f32> = dets.iter().flat_map(|d| d.bbox).collect();
     let scores: Vec<f32> = dets.iter().map(|d| d.score).collect();
     let labels: Vec<i64> = dets.iter().map(|d| d.label).collect();
-    (Tensor::from_slice(&boxes).view([-1, 4]), Tensor::from_slice(&scores), Tensor::from_slice(&labels))
+    (
+        Tensor::from_slice(&boxes).view([-1, 4]),
+        Tensor::from_slice(&scores),
+        Tensor::from_slice(&labels),
+    )
 }
 
-fn check_image(name: &str, i: usize, dets: &[Detection], trace: &Trace, refs: &std::collections::HashMap<String, Tensor>) {
+fn check_image(
+    name: &str,
+    i: usize,
+    dets: &[Detection],
+    trace: &Trace,
+    refs: &std::collections::HashMap<String, Tensor>,
+) {
     let r = |k: &str| &refs[&format!("{i}.{k}")];
-    assert_close(&format!("{name} proposals"), &trace.proposals, r("proposals"), 1e-3);
-    assert_close(&format!("{name} roi features"), &trace.roi_features, r("roi_features"), 1e-4);
+    assert_close(
+        &format!("{name} proposals"),
+        &trace.proposals,
+        r("proposals"),
+        1e-3,
+    );
+    assert_close(
+        &format!("{name} roi features"),
+        &trace.roi_features,
+        r("roi_features"),
+        1e-4,
+    );
     let (boxes, scores, labels) = as_tensors(dets);
-    assert!(!dets.is_empty(), "{name}: the perturbed weights should detect something");
+    assert!(
+        !dets.is_empty(),
+        "{name}: the perturbed weights should detect something"
+    );
     assert_close(&format!("{name} boxes"), &boxes, r("boxes"), 1e-3);
     assert_close(&format!("{name} scores"), &scores, r("scores"), 1e-4);
     assert_eq!(labels, r("labels").to_kind(Kind::Int64), "{name} labels");
@@ -55,10 +111,19 @@ fn parity(arch: &str, extra: &[&str]) {
     let refs = reference(arch, &weights, &images, extra);
     for (i, path) in images.iter().enumerate() {
         let prepared = prepare_detector(&decode_file(path));
-        let request = DetectRequest { image: &prepared, score_threshold: 0.05 };
+        let request = DetectRequest {
+            image: &prepared,
+            score_threshold: 0.05,
+        };
         let mut out = model.detect_traced(&[request], true).expect("detect");
         let (dets, trace) = out.remove(0);
-        check_image(&format!("{arch} {}", path_str(path)), i, &dets, &trace.expect("trace"), &refs);
+        check_image(
+            &format!("{arch} {}", path_str(path)),
+            i,
+            &dets,
+            &trace.expect("trace"),
+            &refs,
+        );
     }
 }
 
@@ -76,13 +141,28 @@ fn v2_matches_torchvision() {
 /// these share a padded size (800×1088) and so share a forward pass.
 #[test]
 fn batch_results_equal_single_image_results() {
-    let images = images(&["b427x640.png:427x640:RGB", "b375x500.png:375x500:RGB", "b480x640.png:480x640:RGB"]);
+    let images = images(&[
+        "b427x640.png:427x640:RGB",
+        "b375x500.png:375x500:RGB",
+        "b480x640.png:480x640:RGB",
+    ]);
     let (model, _) = model("v1", &["--frozen-eps", "0.0"]);
-    let prepared: Vec<_> = images.iter().map(|p| prepare_detector(&decode_file(p))).collect();
-    let requests: Vec<DetectRequest> = prepared.iter().map(|image| DetectRequest { image, score_threshold: 0.05 }).collect();
+    let prepared: Vec<_> = images
+        .iter()
+        .map(|p| prepare_detector(&decode_file(p)))
+        .collect();
+    let requests: Vec<DetectRequest> = prepared
+        .iter()
+        .map(|image| DetectRequest {
+            image,
+            score_threshold: 0.05,
+        })
+        .collect();
     let batch = model.detect(&requests).expect("batch detect");
     for (i, request) in requests.iter().enumerate() {
-        let single = model.detect(std::slice::from_ref(request)).expect("single detect");
+        let single = model
+            .detect(std::slice::from_ref(request))
+            .expect("single detect");
         let (b, s) = (as_tensors(&batch[i]), as_tensors(&single[0]));
         assert!(!batch[i].is_empty());
         assert_close("batched boxes", &b.0, &s.0, 1e-3);

@@ -12,8 +12,16 @@ use tch::Kind;
 fn make_formats() -> std::path::PathBuf {
     let dir = data_dir().join("formats");
     if !dir.join("rotated.jpg.expected.png").exists() {
-        let out = Command::new(python()).arg(root().join("tests/support/formats.py")).arg(&dir).output().expect("run formats.py");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(python())
+            .arg(root().join("tests/support/formats.py"))
+            .arg(&dir)
+            .output()
+            .expect("run formats.py");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     dir
 }
@@ -21,12 +29,29 @@ fn make_formats() -> std::path::PathBuf {
 #[test]
 fn formats_decode_to_expected_rgb8() {
     let dir = make_formats();
-    for name in ["rgb.png", "rgb.bmp", "rgb.tiff", "rgb.webp", "rgba.png", "gray.png", "gray16.png", "anim.gif", "rotated.jpg"] {
+    for name in [
+        "rgb.png",
+        "rgb.bmp",
+        "rgb.tiff",
+        "rgb.webp",
+        "rgba.png",
+        "gray.png",
+        "gray16.png",
+        "anim.gif",
+        "rotated.jpg",
+    ] {
         let ours = decode_file(&dir.join(name));
         let expected = decode_file(&dir.join(format!("{name}.expected.png")));
-        assert_eq!(ours.size(), expected.size(), "{name}: size (orientation applied?)");
+        assert_eq!(
+            ours.size(),
+            expected.size(),
+            "{name}: size (orientation applied?)"
+        );
         let diff = (ours.to_kind(Kind::Float) - expected.to_kind(Kind::Float)).abs();
-        let (max, mean) = (diff.max().double_value(&[]), diff.mean(Kind::Float).double_value(&[]));
+        let (max, mean) = (
+            diff.max().double_value(&[]),
+            diff.mean(Kind::Float).double_value(&[]),
+        );
         if name.ends_with(".jpg") {
             // Two JPEG decoders may differ by an IDCT rounding step; orientation would not.
             assert!(mean < 2.0, "{name}: mean difference {mean}");
@@ -39,8 +64,17 @@ fn formats_decode_to_expected_rgb8() {
 #[test]
 fn bad_input_is_refused_clearly() {
     assert!(matches!(decode(b"", 1 << 30), Err(ImageError::Empty)));
-    assert!(matches!(decode(b"definitely not an image", 1 << 30), Err(ImageError::Format)));
+    assert!(matches!(
+        decode(b"definitely not an image", 1 << 30),
+        Err(ImageError::Format)
+    ));
     let png = std::fs::read(make_formats().join("rgb.png")).expect("read png");
-    assert!(matches!(decode(&png[..png.len() / 2], 1 << 30), Err(ImageError::Decode(_))));
-    assert!(matches!(decode(&png, 100), Err(ImageError::TooLarge { pixels: 2400, .. })));
+    assert!(matches!(
+        decode(&png[..png.len() / 2], 1 << 30),
+        Err(ImageError::Decode(_))
+    ));
+    assert!(matches!(
+        decode(&png, 100),
+        Err(ImageError::TooLarge { pixels: 2400, .. })
+    ));
 }

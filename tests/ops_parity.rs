@@ -11,7 +11,18 @@ const CASES: i64 = 15;
 
 fn cases() -> std::collections::HashMap<String, Tensor> {
     let out = data_dir().join("ops.safetensors");
-    read_tensors(&tvref(&out, &["ops", "--seed", "11", "--cases", &CASES.to_string(), "--out", "{out}"]))
+    read_tensors(&tvref(
+        &out,
+        &[
+            "ops",
+            "--seed",
+            "11",
+            "--cases",
+            &CASES.to_string(),
+            "--out",
+            "{out}",
+        ],
+    ))
 }
 
 #[test]
@@ -21,9 +32,19 @@ fn nms_matches_torchvision() {
         let g = |k: &str| &t[&format!("nms.{i}.{k}")];
         let thr = g("thr").double_value(&[0]);
         let keep = nms(g("boxes"), g("scores"), thr);
-        assert_eq!(keep, *g("keep"), "nms case {i} ({} boxes, thr {thr})", g("boxes").size()[0]);
+        assert_eq!(
+            keep,
+            *g("keep"),
+            "nms case {i} ({} boxes, thr {thr})",
+            g("boxes").size()[0]
+        );
         let keep = batched_nms(g("boxes"), g("scores"), g("idxs"), thr);
-        assert_eq!(keep, *g("batched_keep"), "batched_nms case {i} ({} boxes)", g("boxes").size()[0]);
+        assert_eq!(
+            keep,
+            *g("batched_keep"),
+            "batched_nms case {i} ({} boxes)",
+            g("boxes").size()[0]
+        );
     }
 }
 
@@ -36,9 +57,20 @@ fn roi_align_matches_torchvision() {
         let expected = g("out");
         for b in 0..feat.size()[0] {
             let idx = rois.select(1, 0).eq(b as f64).nonzero().squeeze_dim(1);
-            let ours = roi_align(&feat.get(b), &rois.index_select(0, &idx).narrow(1, 1, 4), scale, 7, 2);
+            let ours = roi_align(
+                &feat.get(b),
+                &rois.index_select(0, &idx).narrow(1, 1, 4),
+                scale,
+                7,
+                2,
+            );
             let theirs = expected.index_select(0, &idx);
-            assert_close(&format!("roi_align case {i} image {b}"), &ours, &theirs, 1e-5);
+            assert_close(
+                &format!("roi_align case {i} image {b}"),
+                &ours,
+                &theirs,
+                1e-5,
+            );
         }
     }
     assert_eq!(t["roi.0.out"].kind(), Kind::Float);

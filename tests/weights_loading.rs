@@ -13,21 +13,44 @@ use detectd::weights::StateDict;
 use tch::{Device, Tensor};
 
 fn v1(format: &str, extra: &[&str]) -> PathBuf {
-    let ext = if format == "safetensors" { "safetensors" } else { "pth" };
+    let ext = if format == "safetensors" {
+        "safetensors"
+    } else {
+        "pth"
+    };
     let tag = extra.join("").replace('-', "");
     let out = data_dir().join(format!("w_v1_{format}{tag}.{ext}"));
-    let mut args = vec!["make-detector", "--arch", "v1", "--frozen-eps", "0.0", "--seed", "7", "--format", format, "--weights", "{out}"];
+    let mut args = vec![
+        "make-detector",
+        "--arch",
+        "v1",
+        "--frozen-eps",
+        "0.0",
+        "--seed",
+        "7",
+        "--format",
+        format,
+        "--weights",
+        "{out}",
+    ];
     args.extend_from_slice(extra);
     tvref(&out, &args)
 }
 
 fn load(path: &Path) -> Result<FasterRcnn, String> {
-    let config = DetectorConfig { arch: ArchChoice::Auto, frozen_bn_eps: None, device: Device::Cpu };
+    let config = DetectorConfig {
+        arch: ArchChoice::Auto,
+        frozen_bn_eps: None,
+        device: Device::Cpu,
+    };
     FasterRcnn::load(path, &config).map_err(|e| e.to_string())
 }
 
 fn assert_same_tensors(a: &StateDict, b: &StateDict) {
-    assert_eq!(a.tensors.keys().collect::<Vec<_>>(), b.tensors.keys().collect::<Vec<_>>());
+    assert_eq!(
+        a.tensors.keys().collect::<Vec<_>>(),
+        b.tensors.keys().collect::<Vec<_>>()
+    );
     for (k, t) in &a.tensors {
         assert!(t.equal(&b.tensors[k]), "{k} differs");
     }
@@ -43,7 +66,16 @@ fn zip_legacy_pickle_and_safetensors_hold_the_same_tensors() {
     for f in ["pth-legacy", "safetensors"] {
         load(&v1(f, &[])).unwrap_or_else(|e| panic!("{f}: {e}"));
     }
-    let cls = tvref(&data_dir().join("w_cls_legacy.pth"), &["make-classifier", "--format", "pth-legacy", "--weights", "{out}"]);
+    let cls = tvref(
+        &data_dir().join("w_cls_legacy.pth"),
+        &[
+            "make-classifier",
+            "--format",
+            "pth-legacy",
+            "--weights",
+            "{out}",
+        ],
+    );
     Classifier::load(&cls, Device::Cpu).expect("legacy-format classifier");
 }
 
@@ -52,7 +84,10 @@ fn pre_013_key_names_are_renamed() {
     let mut legacy = StateDict::load(&v1("pth", &["--legacy-names"])).expect("legacy names");
     assert!(legacy.has("backbone.fpn.inner_blocks.0.weight") && legacy.has("rpn.head.conv.weight"));
     rename_legacy_keys(&mut legacy);
-    assert_same_tensors(&legacy, &StateDict::load(&v1("pth", &[])).expect("current names"));
+    assert_same_tensors(
+        &legacy,
+        &StateDict::load(&v1("pth", &[])).expect("current names"),
+    );
     load(&v1("pth", &["--legacy-names"])).expect("legacy names load");
 }
 
@@ -72,24 +107,47 @@ fn wrong_files_name_what_does_not_fit() {
         t.remove("roi_heads.box_head.fc7.bias");
     });
     let err = load(&missing).err().expect("missing key must fail");
-    assert!(err.contains("1 missing keys: roi_heads.box_head.fc7.bias"), "{err}");
+    assert!(
+        err.contains("1 missing keys: roi_heads.box_head.fc7.bias"),
+        "{err}"
+    );
 
     let extra = edited("extra", |t| {
-        t.insert("roi_heads.mask_head.weight".into(), Tensor::zeros([2], (tch::Kind::Float, Device::Cpu)));
+        t.insert(
+            "roi_heads.mask_head.weight".into(),
+            Tensor::zeros([2], (tch::Kind::Float, Device::Cpu)),
+        );
     });
     let err = load(&extra).err().expect("unexpected key must fail");
-    assert!(err.contains("unexpected keys: roi_heads.mask_head.weight"), "{err}");
+    assert!(
+        err.contains("unexpected keys: roi_heads.mask_head.weight"),
+        "{err}"
+    );
 
     let shape = edited("shape", |t| {
-        t.insert("roi_heads.box_head.fc7.weight".into(), Tensor::zeros([1024, 10], (tch::Kind::Float, Device::Cpu)));
+        t.insert(
+            "roi_heads.box_head.fc7.weight".into(),
+            Tensor::zeros([1024, 10], (tch::Kind::Float, Device::Cpu)),
+        );
     });
     let err = load(&shape).err().expect("shape mismatch must fail");
-    assert!(err.contains("roi_heads.box_head.fc7.weight: file has [1024, 10], model expects [1024, 1024]"), "{err}");
+    assert!(
+        err.contains(
+            "roi_heads.box_head.fc7.weight: file has [1024, 10], model expects [1024, 1024]"
+        ),
+        "{err}"
+    );
 
-    let cls = tvref(&data_dir().join("cls.pth"), &["make-classifier", "--seed", "3", "--weights", "{out}"]);
+    let cls = tvref(
+        &data_dir().join("cls.pth"),
+        &["make-classifier", "--seed", "3", "--weights", "{out}"],
+    );
     let err = load(&cls).err().expect("classifier is not a detector");
     assert!(err.contains("not a Faster R-CNN checkpoint"), "{err}");
-    let err = Classifier::load(&v1("pth", &[]), Device::Cpu).err().expect("detector is not a classifier").to_string();
+    let err = Classifier::load(&v1("pth", &[]), Device::Cpu)
+        .err()
+        .expect("detector is not a classifier")
+        .to_string();
     assert!(err.contains("no fc.weight"), "{err}");
 
     let garbage = data_dir().join("garbage.pth");
@@ -97,7 +155,14 @@ fn wrong_files_name_what_does_not_fit() {
     let err = load(&garbage).err().expect("garbage must fail");
     assert!(err.contains("not a PyTorch checkpoint"), "{err}");
 
-    let config = DetectorConfig { arch: ArchChoice::V2, frozen_bn_eps: None, device: Device::Cpu };
-    let err = FasterRcnn::load(&v1("pth", &[]), &config).err().expect("arch mismatch").to_string();
+    let config = DetectorConfig {
+        arch: ArchChoice::V2,
+        frozen_bn_eps: None,
+        device: Device::Cpu,
+    };
+    let err = FasterRcnn::load(&v1("pth", &[]), &config)
+        .err()
+        .expect("arch mismatch")
+        .to_string();
     assert!(err.contains("holds a V1 detector"), "{err}");
 }

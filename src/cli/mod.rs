@@ -12,13 +12,20 @@ use crate::imaging;
 use crate::labels::Labels;
 use crate::model::detector::DetectorConfig;
 use crate::model::transform::{prepare_classifier, prepare_detector, Prepared};
-use crate::model::{device, ArchChoice, Classifier, DetectRequest, DeviceChoice, FasterRcnn, Precision, Preset};
+use crate::model::{
+    device, ArchChoice, Classifier, DetectRequest, DeviceChoice, FasterRcnn, Precision, Preset,
+};
+use crate::weights::hub;
 
 /// Images are run this many at a time, which bounds memory for long lists.
 const CHUNK: usize = 4;
 
 #[derive(Parser, Debug)]
-#[command(name = "detectd", version, about = "Object detection and image classification, torchvision-exact, on libtorch")]
+#[command(
+    name = "detectd",
+    version,
+    about = "Object detection and image classification, torchvision-exact, on libtorch"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -30,6 +37,29 @@ pub enum Command {
     Detect(DetectArgs),
     /// Classify images; prints one JSON line per image.
     Classify(ClassifyArgs),
+    /// List or fetch torchvision's published checkpoints.
+    #[command(subcommand)]
+    Weights(WeightsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WeightsCommand {
+    /// The published checkpoints, their URLs and whether they are in the cache.
+    List(CacheArgs),
+    /// Download (or verify) published checkpoints into the cache; all when none is named.
+    Fetch {
+        #[command(flatten)]
+        cache: CacheArgs,
+        /// Names from `weights list` (e.g. fasterrcnn-v1, resnet50-v2).
+        ids: Vec<String>,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CacheArgs {
+    /// Where published weights are kept.
+    #[arg(long, env = "DETECTD_CACHE_DIR", default_value_os_t = hub::default_cache_dir())]
+    pub cache_dir: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -44,9 +74,9 @@ pub struct Runtime {
 
 #[derive(Args, Debug)]
 pub struct DetectArgs {
-    /// Faster R-CNN checkpoint (.pth or .safetensors).
+    /// Faster R-CNN checkpoint (.pth or .safetensors), or a published name (fasterrcnn-v1).
     #[arg(long)]
-    pub weights: PathBuf,
+    pub weights: String,
     /// Architecture; auto reads it from the checkpoint's keys.
     #[arg(long, value_enum, default_value = "auto")]
     pub arch: ArchChoice,
@@ -61,6 +91,8 @@ pub struct DetectArgs {
     pub frozen_bn_eps: Option<f64>,
     #[command(flatten)]
     pub runtime: Runtime,
+    #[command(flatten)]
+    pub cache: CacheArgs,
     /// Image files.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
@@ -68,9 +100,9 @@ pub struct DetectArgs {
 
 #[derive(Args, Debug)]
 pub struct ClassifyArgs {
-    /// ResNet-50 checkpoint (.pth or .safetensors).
+    /// ResNet-50 checkpoint (.pth or .safetensors), or a published name (resnet50-v2).
     #[arg(long)]
-    pub weights: PathBuf,
+    pub weights: String,
     /// Preprocessing preset of the weights: v1 (resize 256) or v2 (resize 232).
     #[arg(long, value_enum, default_value = "v2")]
     pub preset: Preset,
@@ -82,6 +114,9 @@ pub struct ClassifyArgs {
     pub top_k: i64,
     #[command(flatten)]
     pub runtime: Runtime,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// Image files.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
 }
@@ -90,6 +125,56 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Detect(args) => detect(args),
         Command::Classify(args) => classify(args),
+        Command::Weights(cmd) => weights(cmd),
+    }
+}
+
+/// A checkpoint argument: a file, or the name of a published checkpoint (fetched if needed).
+pub fn resolve_weights(arg: &str, cache: &CacheArgs) -> anyhow::Result<PathBuf> {
+    let path = PathBuf::from(arg);
+    if path.exists() {
+        return Ok(path);
+    }
+    match hub::find(arg) {
+        Some(p) => Ok(hub::ensure(&p, &cache.cache_dir)?),
+        None => anyhow::bail!(
+            "weights {arg}: no such file, nor a published name (see `detectd weights list`)"
+        ),
+    }
+}
+
+fn weights(cmd: WeightsCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        WeightsCommand::List(cache) => {
+            for p in hub::PUBLISHED {
+                let here = cache.cache_dir.join(p.file).exists();
+                println!(
+                    "{:<14} {:<8} {}  {}",
+                    p.id,
+                    if here { "cached" } else { "-" },
+                    p.url(),
+                    p.what
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        WeightsCommand::Fetch { cache, ids } => {
+            let wanted = if ids.is_empty() {
+                hub::PUBLISHED.to_vec()
+            } else {
+                ids.iter()
+                    .map(|id| {
+                        hub::find(id).ok_or_else(|| {
+                            anyhow::anyhow!("unknown weights {id}; see `detectd weights list`")
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            };
+            for path in hub::ensure_all(&wanted, &cache.cache_dir).map_err(anyhow::Error::msg)? {
+                println!("{}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -129,35 +214,52 @@ fn for_each_image<T>(
         let mut out = stdout.lock();
         for ((path, w, h), result) in ok.into_iter().zip(run(&prepared)?) {
             let mut line = json!({"image": path.display().to_string(), "width": w, "height": h});
-            if let (Some(line), serde_json::Value::Object(fields)) = (line.as_object_mut(), result) {
+            if let (Some(line), serde_json::Value::Object(fields)) = (line.as_object_mut(), result)
+            {
                 line.extend(fields);
             }
             writeln!(out, "{line}")?;
         }
     }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn detect(args: DetectArgs) -> anyhow::Result<ExitCode> {
     let device = device::resolve(args.runtime.device)?;
-    let config = DetectorConfig { arch: args.arch, frozen_bn_eps: args.frozen_bn_eps, device };
-    let model = FasterRcnn::load(&args.weights, &config)?;
+    let config = DetectorConfig {
+        arch: args.arch,
+        frozen_bn_eps: args.frozen_bn_eps,
+        device,
+    };
+    let model = FasterRcnn::load(&resolve_weights(&args.weights, &args.cache)?, &config)?;
     let labels = Labels::for_model(args.labels.as_deref(), model.num_classes, Labels::coco)?;
     for_each_image(
         &args.images,
         |img| prepare_detector(&img.tensor),
         |images: &[Prepared]| {
-            let requests: Vec<DetectRequest> =
-                images.iter().map(|image| DetectRequest { image, score_threshold: args.score_threshold }).collect();
+            let requests: Vec<DetectRequest> = images
+                .iter()
+                .map(|image| DetectRequest {
+                    image,
+                    score_threshold: args.score_threshold,
+                })
+                .collect();
             let results = model.detect(&requests)?;
-            Ok(results.iter().map(|d| json!({"detections": detections_json(d, &labels)})).collect())
+            Ok(results
+                .iter()
+                .map(|d| json!({"detections": detections_json(d, &labels)}))
+                .collect())
         },
     )
 }
 
 fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
     let device = device::resolve(args.runtime.device)?;
-    let model = Classifier::load(&args.weights, device)?;
+    let model = Classifier::load(&resolve_weights(&args.weights, &args.cache)?, device)?;
     let labels = Labels::for_model(args.labels.as_deref(), model.num_classes, Labels::imagenet)?;
     let resize = args.preset.resize();
     for_each_image(
@@ -166,7 +268,10 @@ fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
         |images| {
             let refs: Vec<&tch::Tensor> = images.iter().collect();
             let results = model.classify(&refs, args.top_k)?;
-            Ok(results.iter().map(|p| json!({"predictions": predictions_json(p, &labels)})).collect())
+            Ok(results
+                .iter()
+                .map(|p| json!({"predictions": predictions_json(p, &labels)}))
+                .collect())
         },
     )
 }

@@ -22,7 +22,11 @@ fn cell_anchors(size: f64) -> Tensor {
 /// All anchors for a padded batch of `padded` = (Hp, Wp) with the given feature sizes, level
 /// by level, ordered (y, x, ratio). Strides are `Hp // grid_h`, so the pool level's stride can
 /// be 61 rather than 64 when its grid was rounded up: torchvision's quirk, kept.
-pub fn grid_anchors(padded: (i64, i64), grids: &[(i64, i64)], device: Device) -> (Tensor, Vec<i64>) {
+pub fn grid_anchors(
+    padded: (i64, i64),
+    grids: &[(i64, i64)],
+    device: Device,
+) -> (Tensor, Vec<i64>) {
     let mut levels = Vec::with_capacity(grids.len());
     let mut counts = Vec::with_capacity(grids.len());
     for (&(gh, gw), &size) in grids.iter().zip(SIZES.iter()) {
@@ -33,7 +37,8 @@ pub fn grid_anchors(padded: (i64, i64), grids: &[(i64, i64)], device: Device) ->
         let grid = Tensor::meshgrid_indexing(&[ys, xs], "ij");
         let (sy, sx) = (grid[0].reshape([-1]), grid[1].reshape([-1]));
         let shifts = Tensor::stack(&[&sx, &sy, &sx, &sy], 1);
-        let anchors = (shifts.view([-1, 1, 4]) + cell_anchors(size).view([1, -1, 4])).reshape([-1, 4]);
+        let anchors =
+            (shifts.view([-1, 1, 4]) + cell_anchors(size).view([1, -1, 4])).reshape([-1, 4]);
         counts.push(anchors.size()[0]);
         levels.push(anchors);
     }

@@ -45,14 +45,21 @@ pub struct Prediction {
 impl Classifier {
     pub fn load(path: &Path, device: Device) -> Result<Self, ModelError> {
         let sd = StateDict::load(path)?;
-        let num_classes = sd.shape("fc.weight").map(|s| s[0]).ok_or_else(|| WeightsError::Unrecognized {
-            path: sd.path.clone(),
-            reason: "not a ResNet-50 classifier checkpoint: no fc.weight".into(),
-        })?;
+        let num_classes =
+            sd.shape("fc.weight")
+                .map(|s| s[0])
+                .ok_or_else(|| WeightsError::Unrecognized {
+                    path: sd.path.clone(),
+                    reason: "not a ResNet-50 classifier checkpoint: no fc.weight".into(),
+                })?;
         let loader = Loader::new(sd, "ResNet-50", device);
         let net = ResNet50::load(&loader.root(), num_classes);
         loader.finish()?;
-        Ok(Self { num_classes, device, net })
+        Ok(Self {
+            num_classes,
+            device,
+            net,
+        })
     }
 
     /// Softmax probabilities `[N, classes]` for preprocessed `[3, 224, 224]` images.
@@ -60,7 +67,10 @@ impl Classifier {
         guard(|| {
             let _no_grad = tch::no_grad_guard();
             let batch = Tensor::stack(images, 0).to_device(self.device);
-            self.net.forward(&batch).softmax(-1, Kind::Float).to_device(Device::Cpu)
+            self.net
+                .forward(&batch)
+                .softmax(-1, Kind::Float)
+                .to_device(Device::Cpu)
         })
     }
 
@@ -73,7 +83,10 @@ impl Classifier {
             .map(|r| {
                 let s = Vec::<f32>::try_from(scores.get(r)).expect("f32 scores");
                 let l = Vec::<i64>::try_from(labels.get(r)).expect("i64 labels");
-                l.into_iter().zip(s).map(|(label, score)| Prediction { label, score }).collect()
+                l.into_iter()
+                    .zip(s)
+                    .map(|(label, score)| Prediction { label, score })
+                    .collect()
             })
             .collect())
     }

@@ -89,7 +89,13 @@ impl FasterRcnn {
         Ok(model)
     }
 
-    fn build(loader: &Loader, arch: Arch, num_classes: i64, norm: NormKind, device: Device) -> Self {
+    fn build(
+        loader: &Loader,
+        arch: Arch,
+        num_classes: i64,
+        norm: NormKind,
+        device: Device,
+    ) -> Self {
         let root = loader.root();
         let fpn_norm = (arch == Arch::V2).then_some(NormKind::Batch { eps: 1e-5 });
         let roi = root.sub("roi_heads");
@@ -99,8 +105,15 @@ impl FasterRcnn {
             norm,
             device,
             body: ResNetBody::load(&root.sub("backbone").sub("body"), norm),
-            fpn: Fpn::load(&root.sub("backbone").sub("fpn"), &ResNetBody::channels(), fpn_norm),
-            rpn: RpnHead::load(&root.sub("rpn").sub("head"), if arch == Arch::V2 { 2 } else { 1 }),
+            fpn: Fpn::load(
+                &root.sub("backbone").sub("fpn"),
+                &ResNetBody::channels(),
+                fpn_norm,
+            ),
+            rpn: RpnHead::load(
+                &root.sub("rpn").sub("head"),
+                if arch == Arch::V2 { 2 } else { 1 },
+            ),
             box_head: match arch {
                 Arch::V1 => BoxHead::load_mlp(&roi.sub("box_head")),
                 Arch::V2 => BoxHead::load_conv(&roi.sub("box_head")),
@@ -128,18 +141,29 @@ impl FasterRcnn {
             for (i, r) in requests.iter().enumerate() {
                 groups.entry(r.image.padded()).or_default().push(i);
             }
-            let mut out: Vec<Option<(Vec<Detection>, Option<Trace>)>> = requests.iter().map(|_| None).collect();
+            let mut out: Vec<Option<(Vec<Detection>, Option<Trace>)>> =
+                requests.iter().map(|_| None).collect();
             for (padded, members) in groups {
                 let group: Vec<&DetectRequest> = members.iter().map(|&i| &requests[i]).collect();
-                for (i, result) in members.into_iter().zip(self.forward_group(&group, padded, trace)) {
+                for (i, result) in members
+                    .into_iter()
+                    .zip(self.forward_group(&group, padded, trace))
+                {
                     out[i] = Some(result);
                 }
             }
-            out.into_iter().map(|r| r.expect("every image belongs to one group")).collect()
+            out.into_iter()
+                .map(|r| r.expect("every image belongs to one group"))
+                .collect()
         })
     }
 
-    fn forward_group(&self, group: &[&DetectRequest], padded: (i64, i64), trace: bool) -> Vec<(Vec<Detection>, Option<Trace>)> {
+    fn forward_group(
+        &self,
+        group: &[&DetectRequest],
+        padded: (i64, i64),
+        trace: bool,
+    ) -> Vec<(Vec<Detection>, Option<Trace>)> {
         let images: Vec<&Prepared> = group.iter().map(|r| r.image).collect();
         let batch = pad_batch(&images, padded).to_device(self.device);
         let features = self.fpn.forward(&self.body.forward(&batch));
@@ -149,14 +173,25 @@ impl FasterRcnn {
             .iter()
             .enumerate()
             .map(|(b, r)| {
-                let per_image: Vec<Tensor> = features[..4].iter().map(|f| f.get(b as i64)).collect();
+                let per_image: Vec<Tensor> =
+                    features[..4].iter().map(|f| f.get(b as i64)).collect();
                 let pooled = multiscale_roi_align(&per_image, &proposals[b], r.image.resized);
                 let x = self.box_head.forward(&pooled);
                 let logits = self.predictor.cls_score.forward(&x);
                 let deltas = self.predictor.bbox_pred.forward(&x);
-                let raw = postprocess(&logits, &deltas, &proposals[b], r.image.resized, r.score_threshold, MAX_DETECTIONS);
+                let raw = postprocess(
+                    &logits,
+                    &deltas,
+                    &proposals[b],
+                    r.image.resized,
+                    r.score_threshold,
+                    MAX_DETECTIONS,
+                );
                 let dets = to_original(&raw, r.image);
-                let t = trace.then(|| Trace { proposals: proposals[b].shallow_clone(), roi_features: pooled });
+                let t = trace.then(|| Trace {
+                    proposals: proposals[b].shallow_clone(),
+                    roi_features: pooled,
+                });
                 (dets, t)
             })
             .collect()
@@ -167,7 +202,8 @@ impl FasterRcnn {
 fn to_original(raw: &RawDetections, image: &Prepared) -> Vec<Detection> {
     let ratio_h = image.original.0 as f32 / image.resized.0 as f32;
     let ratio_w = image.original.1 as f32 / image.resized.1 as f32;
-    let ratios = Tensor::from_slice(&[ratio_w, ratio_h, ratio_w, ratio_h]).to_device(raw.boxes.device());
+    let ratios =
+        Tensor::from_slice(&[ratio_w, ratio_h, ratio_w, ratio_h]).to_device(raw.boxes.device());
     let boxes = (&raw.boxes * ratios).to_device(Device::Cpu);
     let boxes = Vec::<f32>::try_from(boxes.reshape([-1])).expect("f32 boxes");
     let scores = Vec::<f32>::try_from(raw.scores.to_device(Device::Cpu)).expect("f32 scores");
@@ -176,12 +212,19 @@ fn to_original(raw: &RawDetections, image: &Prepared) -> Vec<Detection> {
         .chunks_exact(4)
         .zip(scores)
         .zip(labels)
-        .map(|((b, score), label)| Detection { bbox: [b[0], b[1], b[2], b[3]], score, label })
+        .map(|((b, score), label)| Detection {
+            bbox: [b[0], b[1], b[2], b[3]],
+            score,
+            label,
+        })
         .collect()
 }
 
 fn unrecognized(sd: &StateDict, reason: &str) -> WeightsError {
-    WeightsError::Unrecognized { path: sd.path.clone(), reason: format!("not a Faster R-CNN checkpoint: {reason}") }
+    WeightsError::Unrecognized {
+        path: sd.path.clone(),
+        reason: format!("not a Faster R-CNN checkpoint: {reason}"),
+    }
 }
 
 /// Checkpoints saved before torchvision 0.13 name FPN blocks `inner_blocks.{i}.weight` and the
@@ -211,7 +254,10 @@ fn detect_arch(sd: &StateDict, choice: ArchChoice) -> Result<Arch, WeightsError>
     } else if sd.has("roi_heads.box_head.5.weight") {
         Arch::V2
     } else {
-        return Err(unrecognized(sd, "no roi_heads.box_head.fc6 (v1) or roi_heads.box_head.5 (v2) keys"));
+        return Err(unrecognized(
+            sd,
+            "no roi_heads.box_head.fc6 (v1) or roi_heads.box_head.5 (v2) keys",
+        ));
     };
     match choice {
         ArchChoice::Auto => Ok(found),
@@ -219,7 +265,9 @@ fn detect_arch(sd: &StateDict, choice: ArchChoice) -> Result<Arch, WeightsError>
         ArchChoice::V2 if found == Arch::V2 => Ok(found),
         _ => Err(WeightsError::Unrecognized {
             path: sd.path.clone(),
-            reason: format!("--arch {choice:?} was asked for, but the file holds a {found:?} detector"),
+            reason: format!(
+                "--arch {choice:?} was asked for, but the file holds a {found:?} detector"
+            ),
         }),
     }
 }
@@ -231,6 +279,8 @@ fn body_norm(sd: &StateDict, arch: Arch, frozen_eps: Option<f64>) -> NormKind {
     match (batch_norm, frozen_eps) {
         (_, Some(eps)) if arch == Arch::V1 => NormKind::Frozen { eps },
         (true, _) => NormKind::Batch { eps: 1e-5 },
-        (false, eps) => NormKind::Frozen { eps: eps.unwrap_or(0.0) },
+        (false, eps) => NormKind::Frozen {
+            eps: eps.unwrap_or(0.0),
+        },
     }
 }

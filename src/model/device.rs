@@ -47,11 +47,14 @@ pub fn resolve(choice: DeviceChoice) -> Result<Device, ModelError> {
             _ => Device::Cpu,
         }),
         DeviceChoice::Cuda => {
-            load_cuda_backend().map_err(|e| ModelError::Device(format!("cannot load libtorch_cuda.so: {e}")))?;
+            load_cuda_backend()
+                .map_err(|e| ModelError::Device(format!("cannot load libtorch_cuda.so: {e}")))?;
             if tch::Cuda::is_available() {
                 Ok(Device::Cuda(0))
             } else {
-                Err(ModelError::Device("--device cuda: libtorch's CUDA backend sees no GPU".into()))
+                Err(ModelError::Device(
+                    "--device cuda: libtorch's CUDA backend sees no GPU".into(),
+                ))
             }
         }
     }

@@ -16,11 +16,23 @@ impl Conv2d {
     pub fn load(p: &VarPath, cin: i64, cout: i64, k: i64, stride: i64, bias: bool) -> Self {
         let weight = p.get("weight", &[cout, cin, k, k]);
         let bias = bias.then(|| p.get("bias", &[cout]));
-        Self { weight, bias, stride, padding: k / 2 }
+        Self {
+            weight,
+            bias,
+            stride,
+            padding: k / 2,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.conv2d(&self.weight, self.bias.as_ref(), [self.stride; 2], [self.padding; 2], [1, 1], 1)
+        x.conv2d(
+            &self.weight,
+            self.bias.as_ref(),
+            [self.stride; 2],
+            [self.padding; 2],
+            [1, 1],
+            1,
+        )
     }
 }
 
@@ -32,7 +44,10 @@ pub struct Linear {
 
 impl Linear {
     pub fn load(p: &VarPath, cin: i64, cout: i64) -> Self {
-        Self { weight: p.get("weight", &[cout, cin]), bias: p.get("bias", &[cout]) }
+        Self {
+            weight: p.get("weight", &[cout, cin]),
+            bias: p.get("bias", &[cout]),
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -59,7 +74,13 @@ pub enum Norm {
     /// Per-channel scale and shift, computed at load in FrozenBatchNorm2d's op order; the same
     /// element-wise ops on the same inputs give the same bits as computing them per call.
     Frozen { scale: Tensor, shift: Tensor },
-    Batch { weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: f64 },
+    Batch {
+        weight: Tensor,
+        bias: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        eps: f64,
+    },
 }
 
 impl Norm {
@@ -75,16 +96,35 @@ impl Norm {
                 let shift = bias.reshape(shape) - mean.reshape(shape) * &scale;
                 Norm::Frozen { scale, shift }
             }
-            NormKind::Batch { eps } => Norm::Batch { weight, bias, mean, var, eps },
+            NormKind::Batch { eps } => Norm::Batch {
+                weight,
+                bias,
+                mean,
+                var,
+                eps,
+            },
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         match self {
             Norm::Frozen { scale, shift } => x * scale + shift,
-            Norm::Batch { weight, bias, mean, var, eps } => {
-                x.batch_norm(Some(weight), Some(bias), Some(mean), Some(var), false, 0.1, *eps, true)
-            }
+            Norm::Batch {
+                weight,
+                bias,
+                mean,
+                var,
+                eps,
+            } => x.batch_norm(
+                Some(weight),
+                Some(bias),
+                Some(mean),
+                Some(var),
+                false,
+                0.1,
+                *eps,
+                true,
+            ),
         }
     }
 }

@@ -25,7 +25,10 @@ impl Bottleneck {
         let cout = width * EXPANSION;
         let downsample = (stride != 1 || cin != cout).then(|| {
             let d = p.sub("downsample");
-            (Conv2d::load(&d.sub(0), cin, cout, 1, stride, false), Norm::load(&d.sub(1), cout, norm))
+            (
+                Conv2d::load(&d.sub(0), cin, cout, 1, stride, false),
+                Norm::load(&d.sub(1), cout, norm),
+            )
         });
         Self {
             conv1: Conv2d::load(&p.sub("conv1"), cin, width, 1, 1, false),
@@ -66,7 +69,13 @@ impl ResNetBody {
             let stride = if i == 0 { 1 } else { 2 };
             let mut layer = Vec::new();
             for b in 0..blocks {
-                layer.push(Bottleneck::load(&lp.sub(b), cin, width, if b == 0 { stride } else { 1 }, norm));
+                layer.push(Bottleneck::load(
+                    &lp.sub(b),
+                    cin,
+                    width,
+                    if b == 0 { stride } else { 1 },
+                    norm,
+                ));
                 cin = width * EXPANSION;
             }
             layers.push(layer);
@@ -113,8 +122,13 @@ impl ResNet50 {
 
     /// Logits for a batch `[N, 3, 224, 224]`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let c5 = self.body.forward(x).pop().expect("ResNetBody returns four levels");
-        self.fc.forward(&c5.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
+        let c5 = self
+            .body
+            .forward(x)
+            .pop()
+            .expect("ResNetBody returns four levels");
+        self.fc
+            .forward(&c5.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
     }
 
     pub fn num_classes(&self) -> i64 {

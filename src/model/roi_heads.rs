@@ -14,7 +14,9 @@ const SAMPLING_RATIO: i64 = 2;
 const REPRESENTATION: i64 = 1024;
 const NMS_THRESH: f64 = 0.5;
 const MIN_SIZE: f64 = 1e-2;
-const CODER: BoxCoder = BoxCoder { weights: [10.0, 10.0, 5.0, 5.0] };
+const CODER: BoxCoder = BoxCoder {
+    weights: [10.0, 10.0, 5.0, 5.0],
+};
 
 /// Boxes, scores and labels of one image, best first, in resized-image pixels.
 pub struct RawDetections {
@@ -27,20 +29,36 @@ pub struct RawDetections {
 /// image's own size: torchvision infers them from the first batch it sees and caches them;
 /// for one image processed alone the two agree, and detectd's results must not depend on
 /// which image came first.
-pub fn multiscale_roi_align(features: &[Tensor], proposals: &Tensor, (h, _w): (i64, i64)) -> Tensor {
-    let scales: Vec<f64> = features.iter().map(|f| infer_scale(f.size()[1], h)).collect();
+pub fn multiscale_roi_align(
+    features: &[Tensor],
+    proposals: &Tensor,
+    (h, _w): (i64, i64),
+) -> Tensor {
+    let scales: Vec<f64> = features
+        .iter()
+        .map(|f| infer_scale(f.size()[1], h))
+        .collect();
     let k_min = -(scales[0] as f32).log2();
     let k_max = -(scales[scales.len() - 1] as f32).log2();
     let (k_min, k_max) = (k_min as i64, k_max as i64);
     let levels = map_levels(proposals, k_min, k_max);
     let k = proposals.size()[0];
-    let mut result = Tensor::zeros([k, FPN_CHANNELS, POOL, POOL], (features[0].kind(), features[0].device()));
+    let mut result = Tensor::zeros(
+        [k, FPN_CHANNELS, POOL, POOL],
+        (features[0].kind(), features[0].device()),
+    );
     for (level, (feature, &scale)) in features.iter().zip(&scales).enumerate() {
         let idx = levels.eq(level as i64).nonzero().squeeze_dim(1);
         if idx.size()[0] == 0 {
             continue;
         }
-        let pooled = roi_align(feature, &proposals.index_select(0, &idx), scale, POOL, SAMPLING_RATIO);
+        let pooled = roi_align(
+            feature,
+            &proposals.index_select(0, &idx),
+            scale,
+            POOL,
+            SAMPLING_RATIO,
+        );
         let _ = result.index_copy_(0, &idx, &pooled);
     }
     result
@@ -65,7 +83,10 @@ pub enum BoxHead {
     /// v1 `TwoMLPHead`: fc6, fc7.
     Mlp { fc6: Linear, fc7: Linear },
     /// v2 `FastRCNNConvFCHead`: four conv-BN-ReLU blocks, then one fc at index 5.
-    Conv { blocks: Vec<(Conv2d, Norm)>, fc: Linear },
+    Conv {
+        blocks: Vec<(Conv2d, Norm)>,
+        fc: Linear,
+    },
 }
 
 impl BoxHead {
@@ -81,9 +102,17 @@ impl BoxHead {
         let c = FPN_CHANNELS;
         let norm = NormKind::Batch { eps: 1e-5 };
         let blocks = (0..4)
-            .map(|i| (Conv2d::load(&p.sub(i).sub(0), c, c, 3, 1, false), Norm::load(&p.sub(i).sub(1), c, norm)))
+            .map(|i| {
+                (
+                    Conv2d::load(&p.sub(i).sub(0), c, c, 3, 1, false),
+                    Norm::load(&p.sub(i).sub(1), c, norm),
+                )
+            })
             .collect();
-        BoxHead::Conv { blocks, fc: Linear::load(&p.sub(5), c * POOL * POOL, REPRESENTATION) }
+        BoxHead::Conv {
+            blocks,
+            fc: Linear::load(&p.sub(5), c * POOL * POOL, REPRESENTATION),
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -128,13 +157,19 @@ pub fn postprocess(
     let num_classes = logits.size()[1];
     let boxes = clip_to_image(&CODER.decode(deltas, proposals), h, w);
     let scores = logits.softmax(-1, Kind::Float);
-    let labels = Tensor::arange(num_classes, (Kind::Int64, logits.device())).view([1, -1]).expand_as(&scores);
+    let labels = Tensor::arange(num_classes, (Kind::Int64, logits.device()))
+        .view([1, -1])
+        .expand_as(&scores);
     // Drop the background column, then flatten proposal-major.
     let boxes = boxes.narrow(1, 1, num_classes - 1).reshape([-1, 4]);
     let scores = scores.narrow(1, 1, num_classes - 1).reshape([-1]);
     let labels = labels.narrow(1, 1, num_classes - 1).reshape([-1]);
     let select = |idx: &Tensor, b: &Tensor, s: &Tensor, l: &Tensor| {
-        (b.index_select(0, idx), s.index_select(0, idx), l.index_select(0, idx))
+        (
+            b.index_select(0, idx),
+            s.index_select(0, idx),
+            l.index_select(0, idx),
+        )
     };
     let idx = scores.gt(score_thresh).nonzero().squeeze_dim(1);
     let (boxes, scores, labels) = select(&idx, &boxes, &scores, &labels);
@@ -143,5 +178,9 @@ pub fn postprocess(
     let keep = batched_nms(&boxes, &scores, &labels, NMS_THRESH);
     let keep = keep.narrow(0, 0, max_detections.min(keep.size()[0]));
     let (boxes, scores, labels) = select(&keep, &boxes, &scores, &labels);
-    RawDetections { boxes, scores, labels }
+    RawDetections {
+        boxes,
+        scores,
+        labels,
+    }
 }

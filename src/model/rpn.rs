@@ -5,8 +5,8 @@ use tch::{Kind, Tensor};
 use super::anchors::{grid_anchors, ANCHORS_PER_LOCATION};
 use super::fpn::FPN_CHANNELS;
 use super::layers::Conv2d;
-use super::ops::boxes::{clip_to_image, remove_small, BoxCoder};
 use super::ops::batched_nms;
+use super::ops::boxes::{clip_to_image, remove_small, BoxCoder};
 use crate::weights::VarPath;
 
 const PRE_NMS_TOP_N: i64 = 1000;
@@ -27,7 +27,9 @@ impl RpnHead {
         let c = FPN_CHANNELS;
         let a = ANCHORS_PER_LOCATION;
         Self {
-            convs: (0..depth).map(|i| Conv2d::load(&p.sub("conv").sub(i).sub(0), c, c, 3, 1, true)).collect(),
+            convs: (0..depth)
+                .map(|i| Conv2d::load(&p.sub("conv").sub(i).sub(0), c, c, 3, 1, true))
+                .collect(),
             cls_logits: Conv2d::load(&p.sub("cls_logits"), c, a, 1, 1, true),
             bbox_pred: Conv2d::load(&p.sub("bbox_pred"), c, a * 4, 1, 1, true),
         }
@@ -44,10 +46,17 @@ impl RpnHead {
                 t = conv.forward(&t).relu();
             }
             let n = f.size()[0];
-            logits.push(self.cls_logits.forward(&t).permute([0, 2, 3, 1]).reshape([n, -1]));
+            logits.push(
+                self.cls_logits
+                    .forward(&t)
+                    .permute([0, 2, 3, 1])
+                    .reshape([n, -1]),
+            );
             let d = self.bbox_pred.forward(&t);
             let (h, w) = (d.size()[2], d.size()[3]);
-            let d = d.view([n, ANCHORS_PER_LOCATION, 4, h, w]).permute([0, 3, 4, 1, 2]);
+            let d = d
+                .view([n, ANCHORS_PER_LOCATION, 4, h, w])
+                .permute([0, 3, 4, 1, 2]);
             deltas.push(d.reshape([n, -1, 4]));
         }
         (Tensor::cat(&logits, 1), Tensor::cat(&deltas, 1))
@@ -56,30 +65,53 @@ impl RpnHead {
 
 /// Proposals per image (`[≤1000, 4]`, resized-image pixels, best first) for a padded batch.
 /// `sizes` are the images' resized sizes before padding; `padded` is the batch's (Hp, Wp).
-pub fn propose(head: &RpnHead, features: &[Tensor], sizes: &[(i64, i64)], padded: (i64, i64)) -> Vec<Tensor> {
+pub fn propose(
+    head: &RpnHead,
+    features: &[Tensor],
+    sizes: &[(i64, i64)],
+    padded: (i64, i64),
+) -> Vec<Tensor> {
     let (logits, deltas) = head.forward(features);
-    let grids: Vec<(i64, i64)> = features.iter().map(|f| (f.size()[2], f.size()[3])).collect();
+    let grids: Vec<(i64, i64)> = features
+        .iter()
+        .map(|f| (f.size()[2], f.size()[3]))
+        .collect();
     let (anchors, counts) = grid_anchors(padded, &grids, logits.device());
     sizes
         .iter()
         .enumerate()
         .map(|(b, &size)| {
-            let proposals = CODER.decode(&deltas.get(b as i64), &anchors).reshape([-1, 4]);
+            let proposals = CODER
+                .decode(&deltas.get(b as i64), &anchors)
+                .reshape([-1, 4]);
             filter_proposals(&proposals, &logits.get(b as i64), &counts, size)
         })
         .collect()
 }
 
-fn filter_proposals(proposals: &Tensor, logits: &Tensor, counts: &[i64], (h, w): (i64, i64)) -> Tensor {
+fn filter_proposals(
+    proposals: &Tensor,
+    logits: &Tensor,
+    counts: &[i64],
+    (h, w): (i64, i64),
+) -> Tensor {
     let device = logits.device();
     let mut top = Vec::new();
     let mut levels = Vec::new();
     let mut offset = 0;
     for (level, &n) in counts.iter().enumerate() {
         // Top-k on the logits of one level, kept 2-D like torchvision's batched call.
-        let (_, idx) = logits.narrow(0, offset, n).unsqueeze(0).topk(PRE_NMS_TOP_N.min(n), 1, true, true);
+        let (_, idx) =
+            logits
+                .narrow(0, offset, n)
+                .unsqueeze(0)
+                .topk(PRE_NMS_TOP_N.min(n), 1, true, true);
         let idx = idx.squeeze_dim(0) + offset;
-        levels.push(Tensor::full([idx.size()[0]], level as i64, (Kind::Int64, device)));
+        levels.push(Tensor::full(
+            [idx.size()[0]],
+            level as i64,
+            (Kind::Int64, device),
+        ));
         top.push(idx);
         offset += n;
     }
@@ -88,7 +120,11 @@ fn filter_proposals(proposals: &Tensor, logits: &Tensor, counts: &[i64], (h, w):
     let scores = logits.index_select(0, &top).sigmoid();
     let boxes = clip_to_image(&proposals.index_select(0, &top), h, w);
     let keep = remove_small(&boxes, MIN_SIZE);
-    let (boxes, scores, levels) = (boxes.index_select(0, &keep), scores.index_select(0, &keep), levels.index_select(0, &keep));
+    let (boxes, scores, levels) = (
+        boxes.index_select(0, &keep),
+        scores.index_select(0, &keep),
+        levels.index_select(0, &keep),
+    );
     // (torchvision also keeps scores >= 0.0 here, which a sigmoid always satisfies.)
     let keep = batched_nms(&boxes, &scores, &levels, NMS_THRESH);
     let keep = keep.narrow(0, 0, POST_NMS_TOP_N.min(keep.size()[0]));

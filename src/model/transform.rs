@@ -32,8 +32,12 @@ fn round_up(v: i64) -> i64 {
 }
 
 fn normalize(x: &Tensor) -> Tensor {
-    let mean = Tensor::from_slice(&MEAN).to_device(x.device()).view([3, 1, 1]);
-    let std = Tensor::from_slice(&STD).to_device(x.device()).view([3, 1, 1]);
+    let mean = Tensor::from_slice(&MEAN)
+        .to_device(x.device())
+        .view([3, 1, 1]);
+    let std = Tensor::from_slice(&STD)
+        .to_device(x.device())
+        .view([3, 1, 1]);
     (x - mean) / std
 }
 
@@ -42,7 +46,10 @@ fn normalize(x: &Tensor) -> Tensor {
 pub fn detector_size(h: i64, w: i64) -> (i64, i64) {
     let (short, long) = (h.min(w) as f64, h.max(w) as f64);
     let scale = (MIN_SIZE / short).min(MAX_SIZE / long);
-    ((h as f64 * scale).floor() as i64, (w as f64 * scale).floor() as i64)
+    (
+        (h as f64 * scale).floor() as i64,
+        (w as f64 * scale).floor() as i64,
+    )
 }
 
 /// Normalize first, then bilinear resize (align_corners false, scale derived from sizes).
@@ -50,17 +57,31 @@ pub fn prepare_detector(image: &Tensor) -> Prepared {
     let (_, h, w) = image.size3().expect("image is [3, H, W]");
     let x = normalize(&(image.to_kind(Kind::Float) / 255.0));
     let (oh, ow) = detector_size(h, w);
-    let tensor = x.unsqueeze(0).upsample_bilinear2d([oh, ow], false, None, None).squeeze_dim(0);
-    Prepared { tensor, original: (h, w), resized: (oh, ow) }
+    let tensor = x
+        .unsqueeze(0)
+        .upsample_bilinear2d([oh, ow], false, None, None)
+        .squeeze_dim(0);
+    Prepared {
+        tensor,
+        original: (h, w),
+        resized: (oh, ow),
+    }
 }
 
 /// Zero-pads images of the same padded size into `[N, 3, Hp, Wp]`, top-left aligned.
 pub fn pad_batch(images: &[&Prepared], (hp, wp): (i64, i64)) -> Tensor {
     let first = &images[0].tensor;
-    let batch = Tensor::zeros([images.len() as i64, 3, hp, wp], (first.kind(), first.device()));
+    let batch = Tensor::zeros(
+        [images.len() as i64, 3, hp, wp],
+        (first.kind(), first.device()),
+    );
     for (i, p) in images.iter().enumerate() {
         let (h, w) = p.resized;
-        batch.get(i as i64).narrow(1, 0, h).narrow(2, 0, w).copy_(&p.tensor);
+        batch
+            .get(i as i64)
+            .narrow(1, 0, h)
+            .narrow(2, 0, w)
+            .copy_(&p.tensor);
     }
     batch
 }
@@ -115,7 +136,10 @@ mod tests {
     #[test]
     fn resize_keeps_torchvision_f64_truncation() {
         // 800 / 97 * 97 is just below 800 in f64.
-        assert_eq!(detector_size(97, 130).0, ((800.0 / 97.0) * 97.0f64).floor() as i64);
+        assert_eq!(
+            detector_size(97, 130).0,
+            ((800.0 / 97.0) * 97.0f64).floor() as i64
+        );
         assert_eq!(detector_size(800, 1216), (800, 1216));
         let (h, w) = detector_size(100, 2000);
         assert_eq!(w, 1333);

@@ -5,6 +5,7 @@
 //! expects; the loader records what is missing, mismatched or left over and reports all of it
 //! at once, so a wrong file gets one error that names every problem.
 
+pub mod hub;
 mod pickle;
 
 use std::cell::RefCell;
@@ -20,7 +21,11 @@ pub enum WeightsError {
     #[error("cannot read weights file {path}: {reason}")]
     Read { path: PathBuf, reason: String },
     #[error("weights file {path} does not fit the {model} model:{details}")]
-    Mismatch { path: PathBuf, model: String, details: String },
+    Mismatch {
+        path: PathBuf,
+        model: String,
+        details: String,
+    },
     #[error("weights file {path}: {reason}")]
     Unrecognized { path: PathBuf, reason: String },
 }
@@ -34,7 +39,10 @@ pub struct StateDict {
 impl StateDict {
     /// Reads `.safetensors` by extension; anything else as a `torch.save` file.
     pub fn load(path: &Path) -> Result<Self, WeightsError> {
-        let read_err = |reason: String| WeightsError::Read { path: path.to_owned(), reason };
+        let read_err = |reason: String| WeightsError::Read {
+            path: path.to_owned(),
+            reason,
+        };
         let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
         let list = if is_safetensors {
             Tensor::read_safetensors(path).map_err(|e| read_err(e.to_string()))?
@@ -42,8 +50,14 @@ impl StateDict {
             let bytes = std::fs::read(path).map_err(|e| read_err(e.to_string()))?;
             pickle::load_torch_file(&bytes).map_err(read_err)?
         };
-        let tensors = list.into_iter().map(|(k, v)| (strip_prefix(k), v)).collect();
-        Ok(Self { path: path.to_owned(), tensors })
+        let tensors = list
+            .into_iter()
+            .map(|(k, v)| (strip_prefix(k), v))
+            .collect();
+        Ok(Self {
+            path: path.to_owned(),
+            tensors,
+        })
     }
 
     pub fn has(&self, key: &str) -> bool {
@@ -57,7 +71,12 @@ impl StateDict {
 
     /// Renames keys with `from` as prefix to start with `to` instead.
     pub fn rename_prefix(&mut self, from: &str, to: &str) {
-        let keys: Vec<String> = self.tensors.keys().filter(|k| k.starts_with(from)).cloned().collect();
+        let keys: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|k| k.starts_with(from))
+            .cloned()
+            .collect();
         for k in keys {
             if let Some(t) = self.tensors.remove(&k) {
                 self.tensors.insert(format!("{to}{}", &k[from.len()..]), t);
@@ -69,7 +88,9 @@ impl StateDict {
 /// Checkpoints saved from a wrapper module (`module.` from DataParallel, `model.` from some
 /// training loops) carry a prefix; torchvision's own names start at the model.
 fn strip_prefix(key: String) -> String {
-    key.strip_prefix("module.").map(str::to_owned).unwrap_or(key)
+    key.strip_prefix("module.")
+        .map(str::to_owned)
+        .unwrap_or(key)
 }
 
 /// Hands out tensors by path and remembers what did not fit.
@@ -95,7 +116,10 @@ impl Loader {
     }
 
     pub fn root(&self) -> VarPath<'_> {
-        VarPath { loader: self, prefix: String::new() }
+        VarPath {
+            loader: self,
+            prefix: String::new(),
+        }
     }
 
     pub fn state_dict(&self) -> &StateDict {
@@ -122,7 +146,11 @@ impl Loader {
         append_list(&mut details, "missing keys", &missing);
         append_list(&mut details, "unexpected keys", &unexpected);
         append_list(&mut details, "shape mismatches", &mismatched);
-        Err(WeightsError::Mismatch { path: self.sd.path, model: self.model, details })
+        Err(WeightsError::Mismatch {
+            path: self.sd.path,
+            model: self.model,
+            details,
+        })
     }
 
     fn take(&self, key: String, shape: &[i64]) -> Tensor {
@@ -133,9 +161,10 @@ impl Loader {
         };
         self.used.borrow_mut().insert(key.clone());
         if t.size() != shape {
-            self.mismatched
-                .borrow_mut()
-                .push(format!("{key}: file has {:?}, model expects {shape:?}", t.size()));
+            self.mismatched.borrow_mut().push(format!(
+                "{key}: file has {:?}, model expects {shape:?}",
+                t.size()
+            ));
             return placeholder();
         }
         t.to_kind(Kind::Float).to_device(self.device)
@@ -169,7 +198,10 @@ impl<'a> VarPath<'a> {
         } else {
             format!("{}.{name}", self.prefix)
         };
-        VarPath { loader: self.loader, prefix }
+        VarPath {
+            loader: self.loader,
+            prefix,
+        }
     }
 
     /// The tensor `<path>.<name>`, which must have `shape`.

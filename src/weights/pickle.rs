@@ -59,7 +59,10 @@ fn load_zip(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, String> {
     let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| e.to_string())?;
     let names: Vec<String> = zip.file_names().map(str::to_owned).collect();
     if names.iter().any(|n| n.ends_with("/constants.pkl")) {
-        return Err("this is a TorchScript archive; save `model.state_dict()` with torch.save instead".into());
+        return Err(
+            "this is a TorchScript archive; save `model.state_dict()` with torch.save instead"
+                .into(),
+        );
     }
     let pkl = names
         .iter()
@@ -81,7 +84,9 @@ fn load_zip(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, String> {
 fn read_entry(zip: &mut zip::ZipArchive<Cursor<&[u8]>>, name: &str) -> Result<Vec<u8>, String> {
     let mut entry = zip.by_name(name).map_err(|e| format!("{name}: {e}"))?;
     let mut out = Vec::with_capacity(entry.size() as usize);
-    entry.read_to_end(&mut out).map_err(|e| format!("{name}: {e}"))?;
+    entry
+        .read_to_end(&mut out)
+        .map_err(|e| format!("{name}: {e}"))?;
     Ok(out)
 }
 
@@ -108,12 +113,20 @@ fn load_legacy(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, String> {
     let sizes = element_sizes(&value)?;
     let mut storages = HashMap::new();
     for key in keys {
-        let Value::Str(key) = key else { return Err("storage key is not a string".into()) };
-        let elem = *sizes.get(&key).ok_or_else(|| format!("storage {key} is not used by any tensor"))?;
-        let count = bytes.get(pos..pos + 8).ok_or("file ends inside storage data")?;
+        let Value::Str(key) = key else {
+            return Err("storage key is not a string".into());
+        };
+        let elem = *sizes
+            .get(&key)
+            .ok_or_else(|| format!("storage {key} is not used by any tensor"))?;
+        let count = bytes
+            .get(pos..pos + 8)
+            .ok_or("file ends inside storage data")?;
         let count = i64::from_le_bytes(count.try_into().map_err(|_| "short count")?) as usize;
         let len = count * elem;
-        let data = bytes.get(pos + 8..pos + 8 + len).ok_or("file ends inside storage data")?;
+        let data = bytes
+            .get(pos + 8..pos + 8 + len)
+            .ok_or("file ends inside storage data")?;
         storages.insert(key, data.to_vec());
         pos += 8 + len;
     }
@@ -130,9 +143,13 @@ fn element_sizes(value: &Value) -> Result<HashMap<String, usize>, String> {
 /// The state dict inside the pickled object: the object itself, or the `model` /
 /// `state_dict` entry of a training checkpoint.
 fn state_dict_entries(value: &Value) -> Result<&[(Value, Value)], String> {
-    let Value::Dict(items) = value else { return Err("checkpoint is not a dict of tensors".into()) };
+    let Value::Dict(items) = value else {
+        return Err("checkpoint is not a dict of tensors".into());
+    };
     for wrapper in ["model", "state_dict", "model_state_dict"] {
-        let inner = items.iter().find(|(k, _)| matches!(k, Value::Str(s) if s == wrapper));
+        let inner = items
+            .iter()
+            .find(|(k, _)| matches!(k, Value::Str(s) if s == wrapper));
         if let Some((_, v @ Value::Dict(_))) = inner {
             return state_dict_entries(v);
         }
@@ -150,12 +167,18 @@ fn collect_tensors(value: &Value) -> Result<Vec<(String, &TensorRef)>, String> {
     Ok(out)
 }
 
-fn materialize(value: Value, storages: &HashMap<String, Vec<u8>>) -> Result<Vec<(String, Tensor)>, String> {
+fn materialize(
+    value: Value,
+    storages: &HashMap<String, Vec<u8>>,
+) -> Result<Vec<(String, Tensor)>, String> {
     let mut out = Vec::new();
     for (name, t) in collect_tensors(&value)? {
-        let data = storages.get(&t.storage).ok_or_else(|| format!("{name}: storage {} missing", t.storage))?;
+        let data = storages
+            .get(&t.storage)
+            .ok_or_else(|| format!("{name}: storage {} missing", t.storage))?;
         let elems = (data.len() / t.kind.elt_size_in_bytes()) as i64;
-        let flat = Tensor::f_from_data_size(data, &[elems], t.kind).map_err(|e| format!("{name}: {e}"))?;
+        let flat =
+            Tensor::f_from_data_size(data, &[elems], t.kind).map_err(|e| format!("{name}: {e}"))?;
         let view = flat
             .f_as_strided(t.size.as_slice(), t.stride.as_slice(), Some(t.offset))
             .map_err(|e| format!("{name}: {e}"))?;
@@ -193,11 +216,19 @@ struct Machine<'a> {
 
 impl<'a> Machine<'a> {
     fn new(data: &'a [u8]) -> Self {
-        Self { data, pos: 0, stack: Vec::new(), memo: HashMap::new() }
+        Self {
+            data,
+            pos: 0,
+            stack: Vec::new(),
+            memo: HashMap::new(),
+        }
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let s = self.data.get(self.pos..self.pos + n).ok_or("pickle ends early")?;
+        let s = self
+            .data
+            .get(self.pos..self.pos + n)
+            .ok_or("pickle ends early")?;
         self.pos += n;
         Ok(s)
     }
@@ -207,29 +238,42 @@ impl<'a> Machine<'a> {
     }
 
     fn le<const N: usize>(&mut self) -> Result<[u8; N], String> {
-        self.take(N)?.try_into().map_err(|_| "short read".to_string())
+        self.take(N)?
+            .try_into()
+            .map_err(|_| "short read".to_string())
     }
 
     fn line(&mut self) -> Result<String, String> {
         let rest = &self.data[self.pos..];
-        let end = rest.iter().position(|&b| b == b'\n').ok_or("unterminated line")?;
+        let end = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or("unterminated line")?;
         self.pos += end + 1;
         Ok(String::from_utf8_lossy(&rest[..end]).into_owned())
     }
 
     fn pop(&mut self) -> Result<Value, String> {
-        self.stack.pop().ok_or_else(|| "pickle stack underflow".to_string())
+        self.stack
+            .pop()
+            .ok_or_else(|| "pickle stack underflow".to_string())
     }
 
     fn pop_mark(&mut self) -> Result<Vec<Value>, String> {
-        let at = self.stack.iter().rposition(|v| matches!(v, Value::Mark)).ok_or("no mark")?;
+        let at = self
+            .stack
+            .iter()
+            .rposition(|v| matches!(v, Value::Mark))
+            .ok_or("no mark")?;
         let items = self.stack.split_off(at + 1);
         self.stack.pop();
         Ok(items)
     }
 
     fn text(&mut self, n: usize) -> Result<Value, String> {
-        Ok(Value::Str(String::from_utf8_lossy(self.take(n)?).into_owned()))
+        Ok(Value::Str(
+            String::from_utf8_lossy(self.take(n)?).into_owned(),
+        ))
     }
 
     fn run(&mut self) -> Result<Value, String> {
@@ -244,11 +288,11 @@ impl<'a> Machine<'a> {
 
     fn step(&mut self, op: u8) -> Result<(), String> {
         match op {
-            0x80 => drop(self.u8()?),                     // PROTO
-            0x95 => drop(self.take(8)?),                  // FRAME
-            b'(' => self.stack.push(Value::Mark),         // MARK
-            b'}' => self.stack.push(Value::Dict(vec![])), // EMPTY_DICT
-            b']' => self.stack.push(Value::List(vec![])), // EMPTY_LIST
+            0x80 => drop(self.u8()?),                      // PROTO
+            0x95 => drop(self.take(8)?),                   // FRAME
+            b'(' => self.stack.push(Value::Mark),          // MARK
+            b'}' => self.stack.push(Value::Dict(vec![])),  // EMPTY_DICT
+            b']' => self.stack.push(Value::List(vec![])),  // EMPTY_LIST
             b')' => self.stack.push(Value::Tuple(vec![])), // EMPTY_TUPLE
             b'N' => self.stack.push(Value::None),
             0x88 => self.stack.push(Value::Scalar),
@@ -290,7 +334,11 @@ impl<'a> Machine<'a> {
             }
             0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
-                let at = self.stack.len().checked_sub(n).ok_or("pickle stack underflow")?;
+                let at = self
+                    .stack
+                    .len()
+                    .checked_sub(n)
+                    .ok_or("pickle stack underflow")?;
                 let items = self.stack.split_off(at);
                 self.stack.push(Value::Tuple(items));
             }
@@ -313,7 +361,9 @@ impl<'a> Machine<'a> {
             }
             b'0' => drop(self.pop()?),
             b'1' => drop(self.pop_mark()?),
-            b'2' => self.stack.push(self.stack.last().cloned().ok_or("empty stack")?),
+            b'2' => self
+                .stack
+                .push(self.stack.last().cloned().ok_or("empty stack")?),
             b'c' => {
                 let (module, name) = (self.line()?, self.line()?);
                 self.stack.push(Value::Global(format!("{module}.{name}")));
@@ -371,19 +421,35 @@ impl<'a> Machine<'a> {
         let n = self.u8()? as usize;
         let b = self.take(n)?;
         if n > 8 {
-            let big = if b == LEGACY_MAGIC { Value::LegacyMagic } else { Value::Opaque };
+            let big = if b == LEGACY_MAGIC {
+                Value::LegacyMagic
+            } else {
+                Value::Opaque
+            };
             self.stack.push(big);
             return Ok(());
         }
-        let mut buf = if b.last().is_some_and(|&x| x & 0x80 != 0) { [0xff; 8] } else { [0; 8] };
+        let mut buf = if b.last().is_some_and(|&x| x & 0x80 != 0) {
+            [0xff; 8]
+        } else {
+            [0; 8]
+        };
         buf[..n].copy_from_slice(b);
         self.push_int(i64::from_le_bytes(buf));
         Ok(())
     }
 
-    fn str_op(&mut self, len: impl Fn(&mut Self) -> Result<usize, String>, text: bool) -> Result<(), String> {
+    fn str_op(
+        &mut self,
+        len: impl Fn(&mut Self) -> Result<usize, String>,
+        text: bool,
+    ) -> Result<(), String> {
         let n = len(self)?;
-        let v = if text { self.text(n)? } else { self.take(n).map(|_| Value::Scalar)? };
+        let v = if text {
+            self.text(n)?
+        } else {
+            self.take(n).map(|_| Value::Scalar)?
+        };
         self.stack.push(v);
         Ok(())
     }
@@ -401,7 +467,9 @@ impl<'a> Machine<'a> {
     }
 
     fn dict_extend(&mut self, items: Vec<Value>) -> Result<(), String> {
-        let Some(Value::Dict(d)) = self.stack.last_mut() else { return Err("SETITEMS on a non-dict".into()) };
+        let Some(Value::Dict(d)) = self.stack.last_mut() else {
+            return Err("SETITEMS on a non-dict".into());
+        };
         let mut it = items.into_iter();
         while let (Some(k), Some(v)) = (it.next(), it.next()) {
             d.push((k, v));
@@ -421,20 +489,31 @@ impl<'a> Machine<'a> {
 
 /// `('storage', storage_type, key, location, numel[, view_metadata])`.
 fn persistent_load(pid: Value) -> Result<Value, String> {
-    let Value::Tuple(items) = pid else { return Err("bad persistent id".into()) };
+    let Value::Tuple(items) = pid else {
+        return Err("bad persistent id".into());
+    };
     match (items.get(1), items.get(2)) {
-        (Some(Value::Global(class)), Some(Value::Str(key))) => Ok(Value::Storage(key.clone(), storage_kind(class)?)),
+        (Some(Value::Global(class)), Some(Value::Str(key))) => {
+            Ok(Value::Storage(key.clone(), storage_kind(class)?))
+        }
         _ => Err("persistent id is not a storage".into()),
     }
 }
 
 fn reduce(callable: Value, args: Value) -> Result<Value, String> {
-    let Value::Global(name) = callable else { return Ok(Value::Opaque) };
-    let Value::Tuple(args) = args else { return Ok(Value::Opaque) };
+    let Value::Global(name) = callable else {
+        return Ok(Value::Opaque);
+    };
+    let Value::Tuple(args) = args else {
+        return Ok(Value::Opaque);
+    };
     match name.as_str() {
         "collections.OrderedDict" | "builtins.dict" => Ok(Value::Dict(vec![])),
         "torch._utils._rebuild_tensor_v2" | "torch._utils._rebuild_tensor" => rebuild_tensor(&args),
-        "torch._utils._rebuild_parameter" => args.into_iter().next().ok_or_else(|| "empty parameter".into()),
+        "torch._utils._rebuild_parameter" => args
+            .into_iter()
+            .next()
+            .ok_or_else(|| "empty parameter".into()),
         _ => Ok(Value::Opaque),
     }
 }
@@ -444,12 +523,20 @@ fn rebuild_tensor(args: &[Value]) -> Result<Value, String> {
         match v {
             Some(Value::Tuple(items)) => items
                 .iter()
-                .map(|x| if let Value::Int(i) = x { Ok(*i) } else { Err("non-integer size".to_string()) })
+                .map(|x| {
+                    if let Value::Int(i) = x {
+                        Ok(*i)
+                    } else {
+                        Err("non-integer size".to_string())
+                    }
+                })
                 .collect(),
             _ => Err("tensor size is not a tuple".into()),
         }
     };
-    let (Some(Value::Storage(storage, kind)), Some(Value::Int(offset))) = (args.first(), args.get(1)) else {
+    let (Some(Value::Storage(storage, kind)), Some(Value::Int(offset))) =
+        (args.first(), args.get(1))
+    else {
         return Err("tensor without storage".into());
     };
     Ok(Value::Tensor(TensorRef {
@@ -476,6 +563,9 @@ mod tests {
         let mut pickle = vec![0x80, 0x02, 0x8a, 10];
         pickle.extend_from_slice(&LEGACY_MAGIC);
         pickle.push(b'.');
-        assert!(matches!(Machine::new(&pickle).run(), Ok(Value::LegacyMagic)));
+        assert!(matches!(
+            Machine::new(&pickle).run(),
+            Ok(Value::LegacyMagic)
+        ));
     }
 }

@@ -39,7 +39,13 @@ pub fn tvref(output: &Path, args: &[&str]) -> PathBuf {
     ));
     let args: Vec<String> = args
         .iter()
-        .map(|a| if *a == "{out}" { partial.display().to_string() } else { a.to_string() })
+        .map(|a| {
+            if *a == "{out}" {
+                partial.display().to_string()
+            } else {
+                a.to_string()
+            }
+        })
         .collect();
     let out = Command::new(python())
         .arg(root().join("tests/support/tvref.py"))
@@ -47,7 +53,11 @@ pub fn tvref(output: &Path, args: &[&str]) -> PathBuf {
         .env("TVREF_THREADS", "2")
         .output()
         .expect("run tvref.py (did scripts/setup run?)");
-    assert!(out.status.success(), "tvref.py {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "tvref.py {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     if partial.exists() {
         std::fs::rename(&partial, output).expect("rename tvref output");
     }
@@ -74,9 +84,16 @@ pub fn images(specs: &[&str]) -> Vec<PathBuf> {
             .args(&args)
             .output()
             .expect("run tvref.py images");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    specs.iter().map(|s| dir.join(s.split(':').next().unwrap_or_default())).collect()
+    specs
+        .iter()
+        .map(|s| dir.join(s.split(':').next().unwrap_or_default()))
+        .collect()
 }
 
 pub fn path_str(p: &Path) -> String {
@@ -84,7 +101,10 @@ pub fn path_str(p: &Path) -> String {
 }
 
 pub fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path).expect("read safetensors").into_iter().collect()
+    Tensor::read_safetensors(path)
+        .expect("read safetensors")
+        .into_iter()
+        .collect()
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -92,15 +112,23 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     if a.numel() == 0 {
         return 0.0;
     }
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
 }
 
 pub fn assert_close(what: &str, ours: &Tensor, theirs: &Tensor, tol: f64) {
     let d = max_abs_diff(ours, theirs);
-    assert!(d <= tol, "{what}: max |detectd - torchvision| = {d:e} > {tol:e}");
+    assert!(
+        d <= tol,
+        "{what}: max |detectd - torchvision| = {d:e} > {tol:e}"
+    );
 }
 
 pub fn decode_file(path: &Path) -> Tensor {
     let bytes = std::fs::read(path).expect("read image");
-    detectd::imaging::decode(&bytes, u64::MAX).expect("decode image").tensor
+    detectd::imaging::decode(&bytes, u64::MAX)
+        .expect("decode image")
+        .tensor
 }

@@ -29,7 +29,12 @@ impl BoxCoder {
         let half_w = dw.exp() * widths.unsqueeze(1) * 0.5;
         let half_h = dh.exp() * heights.unsqueeze(1) * 0.5;
         Tensor::stack(
-            &[&pred_ctr_x - &half_w, &pred_ctr_y - &half_h, &pred_ctr_x + &half_w, &pred_ctr_y + &half_h],
+            &[
+                &pred_ctr_x - &half_w,
+                &pred_ctr_y - &half_h,
+                &pred_ctr_x + &half_w,
+                &pred_ctr_y + &half_h,
+            ],
             2,
         )
     }
@@ -46,7 +51,10 @@ pub fn clip_to_image(boxes: &Tensor, height: i64, width: i64) -> Tensor {
 pub fn remove_small(boxes: &Tensor, min_size: f64) -> Tensor {
     let ws = boxes.i((.., 2)) - boxes.i((.., 0));
     let hs = boxes.i((.., 3)) - boxes.i((.., 1));
-    ws.ge(min_size).logical_and(&hs.ge(min_size)).nonzero().squeeze_dim(1)
+    ws.ge(min_size)
+        .logical_and(&hs.ge(min_size))
+        .nonzero()
+        .squeeze_dim(1)
 }
 
 /// `(x2 - x1) * (y2 - y1)`.

@@ -34,7 +34,8 @@ fn overlaps_above(b: &Tensor, threshold: f64) -> Vec<u8> {
     let iou = &inter / ((areas.unsqueeze(1) + areas.unsqueeze(0)) - &inter);
     // The kernel compares the f32 IoU with a double threshold.
     let over = iou.to_kind(Kind::Double).gt(threshold).to_kind(Kind::Uint8);
-    Vec::<u8>::try_from(over.reshape([-1]).to_device(Device::Cpu)).expect("u8 tensor converts to Vec<u8>")
+    Vec::<u8>::try_from(over.reshape([-1]).to_device(Device::Cpu))
+        .expect("u8 tensor converts to Vec<u8>")
 }
 
 fn greedy(over: &[u8], n: usize) -> Vec<i64> {
@@ -60,7 +61,11 @@ const CUDA_VANILLA_ABOVE: i64 = 400_000;
 
 /// NMS within each class of `idxs`, as `torchvision.ops.batched_nms`.
 pub fn batched_nms(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, threshold: f64) -> Tensor {
-    let limit = if boxes.device().is_cuda() { CUDA_VANILLA_ABOVE } else { CPU_VANILLA_ABOVE };
+    let limit = if boxes.device().is_cuda() {
+        CUDA_VANILLA_ABOVE
+    } else {
+        CPU_VANILLA_ABOVE
+    };
     if boxes.numel() as i64 > limit {
         batched_nms_vanilla(boxes, scores, idxs, threshold)
     } else {
@@ -69,7 +74,12 @@ pub fn batched_nms(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, threshold: f6
 }
 
 /// Moves each class's boxes apart by a class-dependent offset so one NMS never mixes them.
-fn batched_nms_coordinate_trick(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, threshold: f64) -> Tensor {
+fn batched_nms_coordinate_trick(
+    boxes: &Tensor,
+    scores: &Tensor,
+    idxs: &Tensor,
+    threshold: f64,
+) -> Tensor {
     if boxes.numel() == 0 {
         return Tensor::empty([0], (Kind::Int64, boxes.device()));
     }
@@ -84,7 +94,11 @@ fn batched_nms_vanilla(boxes: &Tensor, scores: &Tensor, idxs: &Tensor, threshold
     let classes = Vec::<i64>::try_from(classes.to_device(Device::Cpu)).expect("int64 classes");
     for c in classes {
         let ci = idxs.eq(c).nonzero().squeeze_dim(1);
-        let k = nms(&boxes.index_select(0, &ci), &scores.index_select(0, &ci), threshold);
+        let k = nms(
+            &boxes.index_select(0, &ci),
+            &scores.index_select(0, &ci),
+            threshold,
+        );
         let _ = keep_mask.index_fill_(0, &ci.index_select(0, &k), 1);
     }
     let kept = keep_mask.nonzero().squeeze_dim(1);
@@ -111,14 +125,22 @@ mod tests {
 
     #[test]
     fn ties_keep_index_order() {
-        let boxes = t(&[[0.0, 0.0, 1.0, 1.0], [5.0, 5.0, 6.0, 6.0], [0.0, 0.0, 1.0, 1.0]]);
+        let boxes = t(&[
+            [0.0, 0.0, 1.0, 1.0],
+            [5.0, 5.0, 6.0, 6.0],
+            [0.0, 0.0, 1.0, 1.0],
+        ]);
         let keep = nms(&boxes, &Tensor::from_slice(&[0.5f32, 0.5, 0.5]), 0.5);
         assert_eq!(Vec::<i64>::try_from(keep).unwrap(), vec![0, 1]);
     }
 
     #[test]
     fn empty_input() {
-        let keep = nms(&Tensor::zeros([0, 4], (Kind::Float, Device::Cpu)), &Tensor::zeros([0], (Kind::Float, Device::Cpu)), 0.5);
+        let keep = nms(
+            &Tensor::zeros([0, 4], (Kind::Float, Device::Cpu)),
+            &Tensor::zeros([0], (Kind::Float, Device::Cpu)),
+            0.5,
+        );
         assert_eq!(keep.size(), vec![0]);
     }
 }

@@ -12,7 +12,13 @@ const ROI_CHUNK: i64 = 128;
 
 /// `rois` `[K, 4]` (x1, y1, x2, y2) in image pixels on one image's features `[C, H, W]`.
 /// Returns `[K, C, out, out]`.
-pub fn roi_align(features: &Tensor, rois: &Tensor, spatial_scale: f64, out: i64, sampling_ratio: i64) -> Tensor {
+pub fn roi_align(
+    features: &Tensor,
+    rois: &Tensor,
+    spatial_scale: f64,
+    out: i64,
+    sampling_ratio: i64,
+) -> Tensor {
     let (c, h, w) = features.size3().expect("features are [C, H, W]");
     let table = features.reshape([c, h * w]).transpose(0, 1).contiguous();
     let k = rois.size()[0];
@@ -20,7 +26,14 @@ pub fn roi_align(features: &Tensor, rois: &Tensor, spatial_scale: f64, out: i64,
         .step_by(ROI_CHUNK as usize)
         .map(|start| {
             let part = rois.narrow(0, start, ROI_CHUNK.min(k - start));
-            align_chunk(&table, (h, w), &part, spatial_scale as f32, out, sampling_ratio)
+            align_chunk(
+                &table,
+                (h, w),
+                &part,
+                spatial_scale as f32,
+                out,
+                sampling_ratio,
+            )
         })
         .collect();
     if chunks.is_empty() {
@@ -29,7 +42,14 @@ pub fn roi_align(features: &Tensor, rois: &Tensor, spatial_scale: f64, out: i64,
     Tensor::cat(&chunks, 0)
 }
 
-fn align_chunk(table: &Tensor, (h, w): (i64, i64), rois: &Tensor, scale: f32, out: i64, grid: i64) -> Tensor {
+fn align_chunk(
+    table: &Tensor,
+    (h, w): (i64, i64),
+    rois: &Tensor,
+    scale: f32,
+    out: i64,
+    grid: i64,
+) -> Tensor {
     let k = rois.size()[0];
     let c = table.size()[1];
     let scaled = rois * f64::from(scale);
@@ -40,11 +60,17 @@ fn align_chunk(table: &Tensor, (h, w): (i64, i64), rois: &Tensor, scale: f32, ou
     let valid = yv.logical_and(&xv).to_kind(Kind::Float);
     let (hy, ly) = (ys.high_weight.unsqueeze(2), ys.low_weight.unsqueeze(2));
     let (hx, lx) = (xs.high_weight.unsqueeze(1), xs.low_weight.unsqueeze(1));
-    let weights = [&hy * &hx, &hy * &lx, &ly * &hx, &ly * &lx].map(|wgt| (wgt * &valid).reshape([-1, 1]));
+    let weights =
+        [&hy * &hx, &hy * &lx, &ly * &hx, &ly * &lx].map(|wgt| (wgt * &valid).reshape([-1, 1]));
     let (y0, y1) = ((ys.low.unsqueeze(2) * w), (ys.high.unsqueeze(2) * w));
     let (x0, x1) = (xs.low.unsqueeze(1), xs.high.unsqueeze(1));
     let index = |yy: &Tensor, xx: &Tensor| ((yy + xx) * valid.to_kind(Kind::Int64)).reshape([-1]);
-    let corners = [index(&y0, &x0), index(&y0, &x1), index(&y1, &x0), index(&y1, &x1)];
+    let corners = [
+        index(&y0, &x0),
+        index(&y0, &x1),
+        index(&y1, &x0),
+        index(&y1, &x1),
+    ];
     let mut sample = &weights[0] * table.index_select(0, &corners[0]);
     for i in 1..4 {
         sample = sample + &weights[i] * table.index_select(0, &corners[i]);
@@ -59,7 +85,9 @@ fn align_chunk(table: &Tensor, (h, w): (i64, i64), rois: &Tensor, scale: f32, ou
             }
         }
     }
-    (acc / (grid * grid) as f64).permute([0, 3, 1, 2]).contiguous()
+    (acc / (grid * grid) as f64)
+        .permute([0, 3, 1, 2])
+        .contiguous()
 }
 
 /// Sample positions along one axis for every roi: `[K, out·grid]`.
@@ -90,6 +118,12 @@ impl SampleAxis {
         let pos = pos.where_self(&at_edge.logical_not(), &low.to_kind(Kind::Float));
         let low_weight = pos - low.to_kind(Kind::Float);
         let high_weight = 1.0 - &low_weight;
-        Self { valid, low, high, low_weight, high_weight }
+        Self {
+            valid,
+            low,
+            high,
+            low_weight,
+            high_weight,
+        }
     }
 }
