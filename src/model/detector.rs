@@ -67,6 +67,9 @@ pub struct Trace {
     pub roi_features: Tensor,
 }
 
+/// One image's detections with, when asked for, its intermediate results.
+pub type Traced = (Vec<Detection>, Option<Trace>);
+
 /// A request to detect in one prepared image.
 pub struct DetectRequest<'a> {
     pub image: &'a Prepared,
@@ -134,15 +137,14 @@ impl FasterRcnn {
         &self,
         requests: &[DetectRequest],
         trace: bool,
-    ) -> Result<Vec<(Vec<Detection>, Option<Trace>)>, ModelError> {
+    ) -> Result<Vec<Traced>, ModelError> {
         guard(|| {
             let _no_grad = tch::no_grad_guard();
             let mut groups: BTreeMap<(i64, i64), Vec<usize>> = BTreeMap::new();
             for (i, r) in requests.iter().enumerate() {
                 groups.entry(r.image.padded()).or_default().push(i);
             }
-            let mut out: Vec<Option<(Vec<Detection>, Option<Trace>)>> =
-                requests.iter().map(|_| None).collect();
+            let mut out: Vec<Option<Traced>> = requests.iter().map(|_| None).collect();
             for (padded, members) in groups {
                 let group: Vec<&DetectRequest> = members.iter().map(|&i| &requests[i]).collect();
                 for (i, result) in members
@@ -163,7 +165,7 @@ impl FasterRcnn {
         group: &[&DetectRequest],
         padded: (i64, i64),
         trace: bool,
-    ) -> Vec<(Vec<Detection>, Option<Trace>)> {
+    ) -> Vec<Traced> {
         let images: Vec<&Prepared> = group.iter().map(|r| r.image).collect();
         let batch = pad_batch(&images, padded).to_device(self.device);
         let features = self.fpn.forward(&self.body.forward(&batch));

@@ -72,8 +72,8 @@ fn align_chunk(
         index(&y1, &x1),
     ];
     let mut sample = &weights[0] * table.index_select(0, &corners[0]);
-    for i in 1..4 {
-        sample = sample + &weights[i] * table.index_select(0, &corners[i]);
+    for (wgt, idx) in weights.iter().zip(&corners).skip(1) {
+        sample += wgt * table.index_select(0, idx);
     }
     // [K, out, grid, out, grid, C]: accumulate sub-samples iy-major, then divide by the count.
     let s = sample.view([k, out, grid, out, grid, c]);
@@ -81,7 +81,8 @@ fn align_chunk(
     for iy in 0..grid {
         for ix in 0..grid {
             if iy + ix > 0 {
-                acc = acc + s.select(2, iy).select(3, ix);
+                // acc starts as a view of the (0, 0) samples, which are not read again.
+                acc += s.select(2, iy).select(3, ix);
             }
         }
     }
