@@ -1,4 +1,6 @@
-//! Command line: `detectd detect`, `detectd classify`.
+//! Command line: `detectd detect`, `detectd classify`, `detectd serve`, `detectd weights`.
+
+mod serve;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -37,6 +39,8 @@ pub enum Command {
     Detect(DetectArgs),
     /// Classify images; prints one JSON line per image.
     Classify(ClassifyArgs),
+    /// Serve /detect and /classify over HTTP.
+    Serve(Box<serve::ServeArgs>),
     /// List or fetch torchvision's published checkpoints.
     #[command(subcommand)]
     Weights(WeightsCommand),
@@ -126,6 +130,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Detect(args) => detect(args),
         Command::Classify(args) => classify(args),
         Command::Weights(cmd) => weights(cmd),
+        Command::Serve(args) => serve::run(*args),
     }
 }
 

@@ -1,0 +1,287 @@
+//! Dynamic batching on a dedicated OS thread per model. Knows nothing of HTTP.
+//!
+//! Callers submit jobs (one or more images each) to a queue bounded in images; a full queue is
+//! refused at once. The worker thread owns the model: it takes the first waiting job, then
+//! more until `max_batch_size` images or `max_batch_delay` has passed, drops jobs whose caller
+//! has gone (timed out or disconnected) before they reach the model, runs the batch and
+//! answers each job on its own channel. A failing batch fails only its own jobs.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::metrics::Metrics;
+use crate::model::ModelError;
+
+/// A model as the batcher sees it.
+pub trait Engine: 'static {
+    type Input: Send + 'static;
+    type Output: Send + 'static;
+    /// One output per input, in order.
+    fn run(&mut self, inputs: Vec<Self::Input>) -> Result<Vec<Self::Output>, ModelError>;
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct BatchConfig {
+    pub max_batch_size: usize,
+    pub max_batch_delay: Duration,
+    /// Images waiting, at most.
+    pub max_queue: usize,
+}
+
+/// How long a job waited and how long its batch ran.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timing {
+    pub queue: Duration,
+    pub inference: Duration,
+}
+
+pub type Reply<O> = Result<(Vec<O>, Timing), ModelError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the queue is full")]
+    QueueFull,
+    #[error("the model worker has stopped")]
+    Closed,
+}
+
+struct Job<I, O> {
+    inputs: Vec<I>,
+    enqueued: Instant,
+    deadline: Instant,
+    reply: oneshot::Sender<Reply<O>>,
+    span: tracing::Span,
+}
+
+/// The submitting side of one model's queue. Dropping every clone stops the worker once the
+/// queue is empty: that is the drain.
+pub struct Batcher<I, O> {
+    name: String,
+    tx: Sender<Job<I, O>>,
+    depth: Arc<AtomicUsize>,
+    ready: Arc<AtomicBool>,
+    config: BatchConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
+    /// Starts the worker thread, which builds the engine with `load` (loading weights and
+    /// warming up belong there, on the thread that will own the model), then serves.
+    /// `started` receives the outcome of `load`.
+    pub fn spawn<E, L>(
+        name: &str,
+        config: BatchConfig,
+        metrics: Arc<Metrics>,
+        load: L,
+    ) -> (
+        Self,
+        oneshot::Receiver<Result<(), ModelError>>,
+        JoinHandle<()>,
+    )
+    where
+        E: Engine<Input = I, Output = O>,
+        L: FnOnce() -> Result<E, ModelError> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel();
+        let (started_tx, started_rx) = oneshot::channel();
+        let batcher = Self {
+            name: name.to_owned(),
+            tx,
+            depth: Arc::default(),
+            ready: Arc::default(),
+            config,
+            metrics,
+        };
+        let worker = Worker {
+            name: name.to_owned(),
+            rx,
+            depth: batcher.depth.clone(),
+            config,
+            metrics: batcher.metrics.clone(),
+            carried: None,
+        };
+        let ready = batcher.ready.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("{name}-worker"))
+            .spawn(move || match load() {
+                Ok(engine) => {
+                    ready.store(true, Ordering::SeqCst);
+                    let _ = started_tx.send(Ok(()));
+                    worker.serve(engine);
+                }
+                Err(e) => {
+                    let _ = started_tx.send(Err(e));
+                }
+            })
+            .expect("spawn model worker thread");
+        (batcher, started_rx, handle)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn config(&self) -> BatchConfig {
+        self.config
+    }
+
+    /// Weights loaded and warm-up done.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Queues a job; its answer arrives on the returned channel. Refused at once when its
+    /// images would overfill the queue.
+    pub fn submit(
+        &self,
+        inputs: Vec<I>,
+        deadline: Instant,
+    ) -> Result<oneshot::Receiver<Reply<O>>, SubmitError> {
+        let n = inputs.len();
+        let before = self.depth.fetch_add(n, Ordering::SeqCst);
+        if before + n > self.config.max_queue && before > 0 {
+            self.depth.fetch_sub(n, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull);
+        }
+        self.metrics
+            .queue_depth
+            .with_label_values(&[&self.name])
+            .set((before + n) as i64);
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            inputs,
+            enqueued: Instant::now(),
+            deadline,
+            reply,
+            span: tracing::Span::current(),
+        };
+        self.tx.send(job).map_err(|_| {
+            self.depth.fetch_sub(n, Ordering::SeqCst);
+            SubmitError::Closed
+        })?;
+        Ok(rx)
+    }
+}
+
+struct Worker<I, O> {
+    name: String,
+    rx: Receiver<Job<I, O>>,
+    depth: Arc<AtomicUsize>,
+    config: BatchConfig,
+    metrics: Arc<Metrics>,
+    /// A job that did not fit in the previous batch; it opens the next one.
+    carried: Option<Job<I, O>>,
+}
+
+impl<I, O> Worker<I, O> {
+    fn serve<E: Engine<Input = I, Output = O>>(mut self, mut engine: E) {
+        while let Some(batch) = self.next_batch() {
+            self.run(&mut engine, batch);
+        }
+        tracing::info!(model = %self.name, "queue drained, worker stopped");
+    }
+
+    /// Blocks for the first live job, then gathers more until the batch is full or the delay
+    /// after the first has passed. None once every sender is gone and the queue is empty.
+    fn next_batch(&mut self) -> Option<Vec<Job<I, O>>> {
+        let first = match self.carried.take() {
+            Some(job) => job,
+            None => self.rx.recv().ok()?,
+        };
+        let until = Instant::now() + self.config.max_batch_delay;
+        let mut images = first.inputs.len();
+        let mut batch = vec![first];
+        while images < self.config.max_batch_size {
+            let job = match self
+                .rx
+                .recv_timeout(until.saturating_duration_since(Instant::now()))
+            {
+                Ok(job) => job,
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            };
+            if images + job.inputs.len() > self.config.max_batch_size {
+                self.carried = Some(job);
+                break;
+            }
+            images += job.inputs.len();
+            batch.push(job);
+        }
+        Some(batch)
+    }
+
+    fn run<E: Engine<Input = I, Output = O>>(&self, engine: &mut E, batch: Vec<Job<I, O>>) {
+        let now = Instant::now();
+        let queued: usize = batch.iter().map(|j| j.inputs.len()).sum();
+        let left = self.depth.fetch_sub(queued, Ordering::SeqCst) - queued;
+        self.metrics
+            .queue_depth
+            .with_label_values(&[&self.name])
+            .set(left as i64);
+        // A caller that timed out or disconnected has dropped its receiver: skip its images.
+        let live: Vec<Job<I, O>> = batch
+            .into_iter()
+            .filter(|j| !j.reply.is_closed() && j.deadline > now)
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        let mut sizes = Vec::with_capacity(live.len());
+        let mut inputs = Vec::new();
+        let mut replies = Vec::with_capacity(live.len());
+        for job in live {
+            let waited = now - job.enqueued;
+            self.metrics
+                .queue_duration
+                .with_label_values(&[&self.name])
+                .observe(waited.as_secs_f64());
+            sizes.push(job.inputs.len());
+            inputs.extend(job.inputs);
+            replies.push((job.reply, waited, job.span));
+        }
+        let n = inputs.len();
+        let span = tracing::info_span!("batch", model = %self.name, images = n);
+        let result = span.in_scope(|| engine.run(inputs));
+        let inference = now.elapsed();
+        self.metrics
+            .inference_duration
+            .with_label_values(&[&self.name])
+            .observe(inference.as_secs_f64());
+        self.metrics
+            .batch_size
+            .with_label_values(&[&self.name])
+            .observe(n as f64);
+        self.metrics
+            .images
+            .with_label_values(&[&self.name])
+            .inc_by(n as u64);
+        Self::answer(result, sizes, replies, inference);
+    }
+
+    fn answer(
+        result: Result<Vec<O>, ModelError>,
+        sizes: Vec<usize>,
+        replies: Vec<(oneshot::Sender<Reply<O>>, Duration, tracing::Span)>,
+        inference: Duration,
+    ) {
+        match result {
+            Ok(outputs) => {
+                let mut outputs = outputs.into_iter();
+                for ((reply, queue, _), size) in replies.into_iter().zip(sizes) {
+                    let mine: Vec<O> = outputs.by_ref().take(size).collect();
+                    let _ = reply.send(Ok((mine, Timing { queue, inference })));
+                }
+            }
+            Err(e) => {
+                for (reply, _, span) in replies {
+                    span.in_scope(|| tracing::error!(error = %e, "batch failed"));
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! `detectd serve`: configuration, start-up, and the drain on SIGTERM/SIGINT.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use tokio::sync::Notify;
+
+use super::{resolve_weights, CacheArgs};
+use crate::batch::BatchConfig;
+use crate::http::{router, AppState};
+use crate::metrics::Metrics;
+use crate::model::{device, ArchChoice, DeviceChoice, ModelError, Precision, Preset};
+use crate::service::{start_classifier, start_detector, ClassifierSpec, DetectorSpec, Service};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Every flag can also be set with the environment variable shown in --help.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0: any free port, printed at start).
+    #[arg(long, env = "DETECTD_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Faster R-CNN checkpoint file or published name; without it /detect answers 404.
+    #[arg(long, env = "DETECTD_DETECTOR_WEIGHTS")]
+    pub detector_weights: Option<String>,
+    /// ResNet-50 checkpoint file or published name; without it /classify answers 404.
+    #[arg(long, env = "DETECTD_CLASSIFIER_WEIGHTS")]
+    pub classifier_weights: Option<String>,
+    /// Detector architecture; auto reads it from the checkpoint.
+    #[arg(long, env = "DETECTD_ARCH", value_enum, default_value = "auto")]
+    pub arch: ArchChoice,
+    /// Classifier preprocessing preset (v1: resize 256, v2: resize 232).
+    #[arg(long, env = "DETECTD_PRESET", value_enum, default_value = "v2")]
+    pub preset: Preset,
+    /// Detector class names (default: COCO for 91 classes).
+    #[arg(long, env = "DETECTD_LABELS")]
+    pub labels: Option<PathBuf>,
+    /// Classifier class names (default: ImageNet for 1000 classes).
+    #[arg(long, env = "DETECTD_CLASSIFIER_LABELS")]
+    pub classifier_labels: Option<PathBuf>,
+    /// eps of v1's FrozenBatchNorm (default 0.0, as torchvision's COCO weights run).
+    #[arg(long, env = "DETECTD_FROZEN_BN_EPS")]
+    pub frozen_bn_eps: Option<f64>,
+    #[arg(long, env = "DETECTD_DEVICE", value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
+    #[arg(long, env = "DETECTD_PRECISION", value_enum, default_value = "fp32")]
+    pub precision: Precision,
+    /// Images per batch, at most.
+    #[arg(long, env = "DETECTD_MAX_BATCH_SIZE", default_value_t = 4)]
+    pub max_batch_size: usize,
+    /// How long a batch waits for more images after its first.
+    #[arg(long, env = "DETECTD_MAX_BATCH_DELAY_MS", default_value_t = 5)]
+    pub max_batch_delay_ms: u64,
+    /// Images waiting per model, at most; beyond it requests get 429.
+    #[arg(long, env = "DETECTD_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+    /// A request not answered by then gets 504 (and is dropped if still queued).
+    #[arg(long, env = "DETECTD_REQUEST_TIMEOUT_MS", default_value_t = 60_000)]
+    pub request_timeout_ms: u64,
+    #[arg(long, env = "DETECTD_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Larger images are refused from their header, before decoding.
+    #[arg(long, env = "DETECTD_MAX_IMAGE_PIXELS", default_value_t = 50_000_000)]
+    pub max_image_pixels: u64,
+    /// Bearer key required by /detect, /classify and /v1/models.
+    #[arg(long, env = "DETECTD_API_KEY")]
+    pub api_key: Option<String>,
+    /// Origins allowed by CORS (repeat, or * for any); none: no CORS headers.
+    #[arg(long, env = "DETECTD_CORS_ORIGIN", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
+    #[arg(long, env = "DETECTD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// After SIGTERM, how long in-flight and queued requests may take before exit.
+    #[arg(long, env = "DETECTD_SHUTDOWN_TIMEOUT_S", default_value_t = 30)]
+    pub shutdown_timeout_s: u64,
+    /// libtorch intra-op threads (default: all cores).
+    #[arg(long, env = "DETECTD_THREADS")]
+    pub threads: Option<i32>,
+    /// Images in the warm-up pass (default: --max-batch-size).
+    #[arg(long, env = "DETECTD_WARMUP_IMAGES")]
+    pub warmup_images: Option<usize>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+}
+
+impl ServeArgs {
+    /// The configuration as logged: the API key is never printed.
+    fn redacted(&self) -> String {
+        let mut shown = self.clone();
+        if shown.api_key.is_some() {
+            shown.api_key = Some("<redacted>".into());
+        }
+        format!("{shown:?}")
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DETECTD_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
+    init_logging(args.log_format);
+    tracing::info!(config = %args.redacted(), "starting");
+    if let Some(n) = args.threads {
+        tch::set_num_threads(n);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(args))?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+type Workers = Vec<(
+    std::thread::JoinHandle<()>,
+    tokio::sync::oneshot::Receiver<Result<(), ModelError>>,
+)>;
+
+fn start_models(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<(Service, Workers)> {
+    let device = device::resolve(args.device)?;
+    let batch = BatchConfig {
+        max_batch_size: args.max_batch_size.max(1),
+        max_batch_delay: Duration::from_millis(args.max_batch_delay_ms),
+        max_queue: args.max_queue.max(1),
+    };
+    let warmup_images = args.warmup_images.unwrap_or(batch.max_batch_size);
+    let mut workers = Vec::new();
+    let detector = match &args.detector_weights {
+        Some(w) => {
+            let spec = DetectorSpec {
+                weights: resolve_weights(w, &args.cache)?,
+                arch: args.arch,
+                frozen_bn_eps: args.frozen_bn_eps,
+                labels: args.labels.clone(),
+                device,
+                precision: args.precision,
+                warmup_images,
+            };
+            let (served, started, handle) = start_detector(spec, batch, metrics.clone())?;
+            workers.push((handle, started));
+            Some(served)
+        }
+        None => None,
+    };
+    let classifier = match &args.classifier_weights {
+        Some(w) => {
+            let spec = ClassifierSpec {
+                weights: resolve_weights(w, &args.cache)?,
+                preset: args.preset,
+                labels: args.classifier_labels.clone(),
+                device,
+                precision: args.precision,
+                warmup_images,
+            };
+            let (served, started, handle) = start_classifier(spec, batch, metrics.clone())?;
+            workers.push((handle, started));
+            Some(served)
+        }
+        None => None,
+    };
+    for info in detector
+        .iter()
+        .map(|d| &d.info)
+        .chain(classifier.iter().map(|c| &c.info))
+    {
+        metrics
+            .model_info
+            .with_label_values(&[&info.name, &info.arch, &info.device, &info.precision])
+            .set(1);
+        metrics.queue_depth.with_label_values(&[&info.name]).set(0);
+    }
+    let service = Service {
+        detector,
+        classifier,
+        classifier_preset: args.preset,
+        metrics: metrics.clone(),
+        max_pixels: args.max_image_pixels,
+        request_timeout: Duration::from_millis(args.request_timeout_ms),
+    };
+    Ok((service, workers))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let (service, workers) = start_models(&args, &metrics)?;
+    if service.detector.is_none() && service.classifier.is_none() {
+        tracing::warn!("no model loaded: give --detector-weights and/or --classifier-weights");
+    }
+    let state = Arc::new(AppState::new(
+        service,
+        args.api_key.clone(),
+        args.max_body_bytes,
+    ));
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    // A stable line on stdout that scripts and tests wait for.
+    println!("detectd listening on http://{addr}");
+    tracing::info!(%addr, "listening");
+    let mut handles = Vec::new();
+    for (handle, started) in workers {
+        handles.push(handle);
+        tokio::spawn(async move {
+            match started.await {
+                Ok(Ok(())) => tracing::info!("model ready"),
+                Ok(Err(e)) => fail_start(&e.to_string()),
+                Err(_) => fail_start("model worker exited during start-up"),
+            }
+        });
+    }
+    let app = router(state.clone(), &args.cors_origin);
+    let stop = Arc::new(Notify::new());
+    let shutdown = shutdown_signal(state.clone(), stop.clone());
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    let limit = Duration::from_secs(args.shutdown_timeout_s);
+    tokio::select! {
+        result = server => result?,
+        _ = async { stop.notified().await; tokio::time::sleep(limit).await } => {
+            tracing::warn!(seconds = args.shutdown_timeout_s, "shutdown timeout reached with requests unfinished");
+            return Ok(());
+        }
+    }
+    drop(state);
+    // The batchers are gone with the state: each worker finishes its queue and stops.
+    let joined =
+        tokio::task::spawn_blocking(move || handles.into_iter().for_each(|h| drop(h.join())));
+    let _ = tokio::time::timeout(limit, joined).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn fail_start(reason: &str) {
+    tracing::error!(%reason, "model failed to start");
+    eprintln!("detectd: {reason}");
+    std::process::exit(1);
+}
+
+/// Resolves on SIGTERM or SIGINT once the drain is over: /readyz turns 503 and new work is
+/// refused at once, while the listener stays open (so load balancers see the 503) until every
+/// request in flight has been answered. Then axum closes the listener and idle connections.
+async fn shutdown_signal(state: Arc<AppState>, stop: Arc<Notify>) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    state.draining.store(true, Ordering::SeqCst);
+    tracing::info!(in_flight = state.in_flight(), "signal received: draining");
+    stop.notify_one();
+    while state.in_flight() > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!("drained");
+}

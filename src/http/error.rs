@@ -1,0 +1,123 @@
+//! The edge's one error type and its status table. Client errors say what was wrong; internal
+//! ones say nothing beyond "internal error" and are logged with the request id.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::imaging::ImageError;
+use crate::service::ServiceError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    InvalidImage(String),
+    #[error("{0}")]
+    BodyTooLarge(String),
+    #[error("{0}")]
+    ImageTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    InvalidParameter(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    ModelNotLoaded(String),
+    #[error("missing or invalid API key")]
+    Unauthorized,
+    #[error("the queue is full; retry shortly")]
+    QueueFull,
+    #[error("{0}")]
+    NotReady(String),
+    #[error("the server is shutting down")]
+    Draining,
+    #[error("the request timed out")]
+    Timeout,
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The status table.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) | ApiError::InvalidImage(_) => StatusCode::BAD_REQUEST,
+            ApiError::BodyTooLarge(_) | ApiError::ImageTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::InvalidParameter(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::NotFound(_) | ApiError::ModelNotLoaded(_) => StatusCode::NOT_FOUND,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::QueueFull => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::NotReady(_) | ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::InvalidImage(_) => "invalid_image",
+            ApiError::BodyTooLarge(_) => "body_too_large",
+            ApiError::ImageTooLarge(_) => "image_too_large",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::InvalidParameter(_) => "invalid_parameter",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::ModelNotLoaded(_) => "model_not_loaded",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::QueueFull => "queue_full",
+            ApiError::NotReady(_) => "not_ready",
+            ApiError::Draining => "draining",
+            ApiError::Timeout => "timeout",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::Image {
+                source: ImageError::TooLarge { .. },
+                ..
+            } => ApiError::ImageTooLarge(e.to_string()),
+            ServiceError::Image { .. } => ApiError::InvalidImage(e.to_string()),
+            ServiceError::NotLoaded(_) => ApiError::ModelNotLoaded(e.to_string()),
+            ServiceError::NotReady(_) => ApiError::NotReady(e.to_string()),
+            ServiceError::QueueFull => ApiError::QueueFull,
+            ServiceError::Timeout => ApiError::Timeout,
+            ServiceError::Model(m) => ApiError::Internal(m.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(detail) = &self {
+            // The span carries the request id.
+            tracing::error!(error = %detail, "internal error");
+        }
+        let mut response = (
+            self.status(),
+            axum::Json(json!({"error": self.to_string(), "code": self.code()})),
+        )
+            .into_response();
+        let headers = response.headers_mut();
+        match self {
+            ApiError::QueueFull => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::Draining => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
+        }
+        response
+    }
+}

@@ -1,0 +1,221 @@
+//! Route handlers: check, read, ask the service, shape the JSON.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::input::{self, RawParams};
+use super::{AppState, SERVER_TIMING};
+use crate::api::{detections_json, predictions_json};
+use crate::batch::Timing;
+use crate::labels::Labels;
+use crate::model::detector::MAX_DETECTIONS;
+
+const DEFAULT_SCORE_THRESHOLD: f64 = 0.05;
+const DEFAULT_TOP_K: i64 = 5;
+const MAX_TOP_K: i64 = 1000;
+
+fn query_params(query: Result<Query<RawParams>, QueryRejection>) -> Result<RawParams, ApiError> {
+    query
+        .map(|q| q.0)
+        .map_err(|e| ApiError::InvalidParameter(e.body_text()))
+}
+
+fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
+    name: &str,
+    v: Option<T>,
+    default: T,
+    lo: T,
+    hi: T,
+) -> Result<T, ApiError> {
+    let v = v.unwrap_or(default);
+    if v < lo || v > hi || v != v {
+        return Err(ApiError::InvalidParameter(format!(
+            "{name} must be within {lo}..={hi}, got {v}"
+        )));
+    }
+    Ok(v)
+}
+
+/// The label ids a `labels` parameter keeps; every name must exist.
+fn label_filter(params: &RawParams, labels: &Labels) -> Result<Option<HashSet<i64>>, ApiError> {
+    let Some(list) = &params.labels else {
+        return Ok(None);
+    };
+    let mut ids = HashSet::new();
+    let mut unknown = Vec::new();
+    for name in list.names() {
+        let found: Vec<i64> = (0..labels.len() as i64)
+            .filter(|&i| labels.name(i) == name)
+            .collect();
+        if found.is_empty() {
+            unknown.push(name);
+        }
+        ids.extend(found);
+    }
+    if !unknown.is_empty() {
+        return Err(ApiError::InvalidParameter(format!(
+            "unknown labels: {}",
+            unknown.join(", ")
+        )));
+    }
+    Ok(Some(ids))
+}
+
+fn with_timing(body: Value, timing: Timing) -> Response {
+    let mut response = Json(body).into_response();
+    let value = format!(
+        "queue;dur={:.1}, inference;dur={:.1}",
+        timing.queue.as_secs_f64() * 1000.0,
+        timing.inference.as_secs_f64() * 1000.0
+    );
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        response.headers_mut().insert(SERVER_TIMING, v);
+    }
+    response
+}
+
+pub async fn detect(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<RawParams>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    if state.is_draining() {
+        return Err(ApiError::Draining);
+    }
+    let served = state.service.detector()?;
+    let (images, params) =
+        input::read(&headers, body, query_params(query)?, state.max_body_bytes).await?;
+    let threshold = in_range(
+        "score_threshold",
+        params.score_threshold,
+        DEFAULT_SCORE_THRESHOLD,
+        0.0,
+        1.0,
+    )?;
+    let max_detections = in_range(
+        "max_detections",
+        params.max_detections,
+        MAX_DETECTIONS,
+        1,
+        MAX_DETECTIONS,
+    )? as usize;
+    let keep = label_filter(&params, &served.labels)?;
+    let answer = state.service.detect(images, threshold, started).await?;
+    let results: Vec<Value> = answer
+        .results
+        .iter()
+        .map(|r| {
+            let kept: Vec<_> = r.output.iter().filter(|d| keep.as_ref().is_none_or(|k| k.contains(&d.label))).take(max_detections).cloned().collect();
+            json!({"width": r.width, "height": r.height, "detections": detections_json(&kept, &served.labels)})
+        })
+        .collect();
+    Ok(with_timing(
+        json!({"model": served.info, "results": results}),
+        answer.timing,
+    ))
+}
+
+pub async fn classify(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<RawParams>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    if state.is_draining() {
+        return Err(ApiError::Draining);
+    }
+    let served = state.service.classifier()?;
+    let (images, params) =
+        input::read(&headers, body, query_params(query)?, state.max_body_bytes).await?;
+    let top_k = in_range("top_k", params.top_k, DEFAULT_TOP_K, 1, MAX_TOP_K)?
+        .min(served.info.num_classes) as usize;
+    let answer = state.service.classify(images, top_k, started).await?;
+    let results: Vec<Value> = answer
+        .results
+        .iter()
+        .map(|r| json!({"width": r.width, "height": r.height, "predictions": predictions_json(&r.output, &served.labels)}))
+        .collect();
+    Ok(with_timing(
+        json!({"model": served.info, "results": results}),
+        answer.timing,
+    ))
+}
+
+pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let s = &state.service;
+    let mut models = Vec::new();
+    if let Some(d) = &s.detector {
+        models.push((
+            d.info.clone(),
+            "/detect",
+            d.batcher.is_ready(),
+            d.batcher.config(),
+        ));
+    }
+    if let Some(c) = &s.classifier {
+        models.push((
+            c.info.clone(),
+            "/classify",
+            c.batcher.is_ready(),
+            c.batcher.config(),
+        ));
+    }
+    let models: Vec<Value> = models
+        .into_iter()
+        .map(|(info, endpoint, ready, b)| {
+            json!({
+                "name": info.name, "endpoint": endpoint, "arch": info.arch, "classes": info.num_classes,
+                "device": info.device, "precision": info.precision, "ready": ready,
+                "batching": {"max_batch_size": b.max_batch_size, "max_batch_delay_ms": b.max_batch_delay.as_millis() as u64, "max_queue": b.max_queue},
+            })
+        })
+        .collect();
+    Json(json!({"models": models}))
+}
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
+    if state.is_draining() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        )
+    } else if state.service.ready() {
+        (StatusCode::OK, Json(json!({"status": "ready"})))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "loading"})),
+        )
+    }
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.service.metrics.render(),
+    )
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("no such endpoint".into())
+}

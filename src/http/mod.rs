@@ -1,0 +1,196 @@
+//! The HTTP edge (axum): routes, parameters, the error table, request ids, metrics and auth.
+//! It handles bytes and JSON only; models are reached through `service::Service`.
+
+mod error;
+mod handlers;
+mod input;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderName, HeaderValue, Method};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use subtle::ConstantTimeEq;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tracing::Instrument;
+
+pub use error::ApiError;
+
+use crate::service::Service;
+
+pub struct AppState {
+    pub service: Service,
+    pub api_key: Option<String>,
+    pub max_body_bytes: usize,
+    pub draining: AtomicBool,
+    /// Requests being handled now; the drain waits for it to reach zero.
+    pub in_flight: AtomicUsize,
+}
+
+impl AppState {
+    pub fn new(service: Service, api_key: Option<String>, max_body_bytes: usize) -> Self {
+        Self {
+            service,
+            api_key,
+            max_body_bytes,
+            draining: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts a request as in flight for as long as it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+
+/// Endpoint label values are fixed, so the metric series stay bounded.
+const ENDPOINTS: [&str; 6] = [
+    "/detect",
+    "/classify",
+    "/v1/models",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+];
+
+pub fn router(state: Arc<AppState>, cors_origins: &[String]) -> Router {
+    let guarded = Router::new()
+        .route("/detect", post(handlers::detect))
+        .route("/classify", post(handlers::classify))
+        .route("/v1/models", get(handlers::models))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
+    let mut app = Router::new()
+        .merge(guarded)
+        .route("/healthz", get(handlers::healthz))
+        .route("/readyz", get(handlers::readyz))
+        .route("/metrics", get(handlers::metrics))
+        .fallback(handlers::not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state);
+    if !cors_origins.is_empty() {
+        app = app.layer(cors(cors_origins));
+    }
+    app
+}
+
+fn cors(origins: &[String]) -> CorsLayer {
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, REQUEST_ID])
+        .expose_headers([REQUEST_ID, SERVER_TIMING])
+}
+
+/// Bearer key check for the model endpoints; health and metrics stay open.
+async fn require_api_key(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if let Some(key) = &state.api_key {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+            return Err(ApiError::Unauthorized);
+        }
+    }
+    Ok(next.run(request).await)
+}
+
+/// A client's request id when it is a sane token, else a new one.
+fn request_id(request: &Request) -> String {
+    request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// Request id, tracing span, request metrics and the total in Server-Timing.
+async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let id = request_id(&request);
+    let path = request.uri().path();
+    let endpoint = ENDPOINTS
+        .iter()
+        .find(|e| **e == path)
+        .copied()
+        .unwrap_or("other");
+    let span = tracing::info_span!("request", id = %id, method = %request.method(), endpoint);
+    let started = Instant::now();
+    let in_flight = InFlight::enter(&state.in_flight);
+    let mut response = next.run(request).instrument(span.clone()).await;
+    drop(in_flight);
+    let elapsed = started.elapsed();
+    let status = response.status();
+    let metrics = &state.service.metrics;
+    metrics
+        .requests
+        .with_label_values(&[endpoint, status.as_str()])
+        .inc();
+    metrics
+        .request_duration
+        .with_label_values(&[endpoint])
+        .observe(elapsed.as_secs_f64());
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        headers.insert(REQUEST_ID, v);
+    }
+    let total = format!("total;dur={:.1}", elapsed.as_secs_f64() * 1000.0);
+    let timing = match headers.get(&SERVER_TIMING).and_then(|v| v.to_str().ok()) {
+        Some(parts) => format!("{parts}, {total}"),
+        None => total,
+    };
+    if let Ok(v) = HeaderValue::from_str(&timing) {
+        headers.insert(SERVER_TIMING, v);
+    }
+    span.in_scope(|| {
+        tracing::info!(
+            status = status.as_u16(),
+            ms = elapsed.as_millis() as u64,
+            "done"
+        )
+    });
+    response
+}

@@ -1,0 +1,112 @@
+//! Prometheus series. The names are a contract with dashboards and alerts: change none.
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub queue_duration: HistogramVec,
+    pub inference_duration: HistogramVec,
+    pub batch_size: HistogramVec,
+    pub queue_depth: IntGaugeVec,
+    pub images: IntCounterVec,
+    pub model_info: IntGaugeVec,
+}
+
+/// Seconds, from 1 ms to 2 min: CPU detector batches take seconds, GPU ones milliseconds.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+const BATCH_BUCKETS: [f64; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
+fn histogram(name: &str, help: &str, label: &str, buckets: &[f64]) -> HistogramVec {
+    HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        &[label],
+    )
+    .expect("valid histogram")
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let m = Self {
+            registry: Registry::new(),
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "detectd_requests_total",
+                    "HTTP requests by endpoint and status",
+                ),
+                &["endpoint", "status"],
+            )
+            .expect("valid counter"),
+            request_duration: histogram(
+                "detectd_request_duration_seconds",
+                "HTTP request latency",
+                "endpoint",
+                &LATENCY_BUCKETS,
+            ),
+            queue_duration: histogram(
+                "detectd_queue_duration_seconds",
+                "Time a request waited for its batch",
+                "model",
+                &LATENCY_BUCKETS,
+            ),
+            inference_duration: histogram(
+                "detectd_inference_duration_seconds",
+                "Model time per batch",
+                "model",
+                &LATENCY_BUCKETS,
+            ),
+            batch_size: histogram(
+                "detectd_batch_size",
+                "Images per batch",
+                "model",
+                &BATCH_BUCKETS,
+            ),
+            queue_depth: IntGaugeVec::new(
+                Opts::new("detectd_queue_depth", "Images waiting for a batch"),
+                &["model"],
+            )
+            .expect("valid gauge"),
+            images: IntCounterVec::new(
+                Opts::new("detectd_images_total", "Images run through the model"),
+                &["model"],
+            )
+            .expect("valid counter"),
+            model_info: IntGaugeVec::new(
+                Opts::new("detectd_model_info", "Loaded models (value 1)"),
+                &["model", "arch", "device", "precision"],
+            )
+            .expect("valid gauge"),
+        };
+        for c in [
+            Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.request_duration.clone()),
+            Box::new(m.queue_duration.clone()),
+            Box::new(m.inference_duration.clone()),
+            Box::new(m.batch_size.clone()),
+            Box::new(m.queue_depth.clone()),
+            Box::new(m.images.clone()),
+            Box::new(m.model_info.clone()),
+        ] {
+            m.registry.register(c).expect("unique metric names");
+        }
+        m
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,213 @@
+//! The two models as batch engines: what a queued image carries and how a batch runs.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tch::{Device, Tensor};
+
+use super::{ModelInfo, Served};
+use crate::batch::{BatchConfig, Batcher, Engine};
+use crate::imaging::RgbImage;
+use crate::labels::Labels;
+use crate::metrics::Metrics;
+use crate::model::classifier::CROP;
+use crate::model::detector::DetectorConfig;
+use crate::model::transform::{prepare_classifier, prepare_detector, Prepared};
+use crate::model::{
+    ArchChoice, Classifier, DetectRequest, Detection, FasterRcnn, ModelError, Precision,
+    Prediction, Preset,
+};
+
+/// A detector input: the image resized and normalized, and the request's score threshold
+/// (the model applies it before NMS, as torchvision applies its own 0.05).
+pub struct DetectInput {
+    prepared: Prepared,
+    score_threshold: f64,
+}
+
+impl DetectInput {
+    pub fn new(img: &RgbImage, score_threshold: f64) -> Self {
+        Self {
+            prepared: prepare_detector(&img.tensor),
+            score_threshold,
+        }
+    }
+}
+
+pub struct ClassifyInput {
+    tensor: Tensor,
+    top_k: usize,
+}
+
+impl ClassifyInput {
+    pub fn new(img: &RgbImage, preset: Preset, top_k: usize) -> Self {
+        Self {
+            tensor: prepare_classifier(&img.tensor, preset.resize(), CROP),
+            top_k,
+        }
+    }
+}
+
+struct DetectorEngine(FasterRcnn);
+
+impl Engine for DetectorEngine {
+    type Input = DetectInput;
+    type Output = Vec<Detection>;
+
+    fn run(&mut self, inputs: Vec<DetectInput>) -> Result<Vec<Vec<Detection>>, ModelError> {
+        let requests: Vec<DetectRequest> = inputs
+            .iter()
+            .map(|i| DetectRequest {
+                image: &i.prepared,
+                score_threshold: i.score_threshold,
+            })
+            .collect();
+        self.0.detect(&requests)
+    }
+}
+
+struct ClassifierEngine(Classifier);
+
+impl Engine for ClassifierEngine {
+    type Input = ClassifyInput;
+    type Output = Vec<Prediction>;
+
+    fn run(&mut self, inputs: Vec<ClassifyInput>) -> Result<Vec<Vec<Prediction>>, ModelError> {
+        let k = inputs.iter().map(|i| i.top_k).max().unwrap_or(1);
+        let tensors: Vec<&Tensor> = inputs.iter().map(|i| &i.tensor).collect();
+        let mut out = self.0.classify(&tensors, k as i64)?;
+        for (preds, input) in out.iter_mut().zip(&inputs) {
+            preds.truncate(input.top_k);
+        }
+        Ok(out)
+    }
+}
+
+pub struct DetectorSpec {
+    pub weights: PathBuf,
+    pub arch: ArchChoice,
+    pub frozen_bn_eps: Option<f64>,
+    pub labels: Option<PathBuf>,
+    pub device: Device,
+    pub precision: Precision,
+    pub warmup_images: usize,
+}
+
+pub struct ClassifierSpec {
+    pub weights: PathBuf,
+    pub preset: Preset,
+    pub labels: Option<PathBuf>,
+    pub device: Device,
+    pub precision: Precision,
+    pub warmup_images: usize,
+}
+
+/// A neutral image of a common camera size, for warm-up.
+fn warmup_image() -> RgbImage {
+    let (h, w) = (480, 640);
+    RgbImage {
+        width: w,
+        height: h,
+        tensor: Tensor::full(
+            [3, h as i64, w as i64],
+            114,
+            (tch::Kind::Uint8, Device::Cpu),
+        ),
+    }
+}
+
+fn device_name(d: Device) -> String {
+    match d {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    }
+}
+
+type Started<I, O> = (
+    Served<I, O>,
+    tokio::sync::oneshot::Receiver<Result<(), ModelError>>,
+    JoinHandle<()>,
+);
+
+/// Loads the detector here (so a bad file fails the start at once), then hands it to its
+/// worker thread, which warms it up before it reports ready.
+pub fn start_detector(
+    spec: DetectorSpec,
+    batch: BatchConfig,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Started<DetectInput, Vec<Detection>>> {
+    let config = DetectorConfig {
+        arch: spec.arch,
+        frozen_bn_eps: spec.frozen_bn_eps,
+        device: spec.device,
+    };
+    let model = FasterRcnn::load(&spec.weights, &config)?;
+    let labels = Labels::for_model(spec.labels.as_deref(), model.num_classes, Labels::coco)?;
+    let info = ModelInfo {
+        name: "detector".into(),
+        arch: format!(
+            "fasterrcnn_resnet50_fpn_{}",
+            format!("{:?}", model.arch).to_lowercase()
+        ),
+        device: device_name(spec.device),
+        precision: format!("{:?}", spec.precision).to_lowercase(),
+        num_classes: model.num_classes,
+    };
+    let warm = spec.warmup_images;
+    let (batcher, started, handle) = Batcher::spawn("detector", batch, metrics, move || {
+        let mut engine = DetectorEngine(model);
+        let img = warmup_image();
+        if warm > 0 {
+            engine.run((0..warm).map(|_| DetectInput::new(&img, 0.05)).collect())?;
+        }
+        Ok(engine)
+    });
+    Ok((
+        Served {
+            batcher,
+            info,
+            labels,
+        },
+        started,
+        handle,
+    ))
+}
+
+pub fn start_classifier(
+    spec: ClassifierSpec,
+    batch: BatchConfig,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Started<ClassifyInput, Vec<Prediction>>> {
+    let model = Classifier::load(&spec.weights, spec.device)?;
+    let labels = Labels::for_model(spec.labels.as_deref(), model.num_classes, Labels::imagenet)?;
+    let info = ModelInfo {
+        name: "classifier".into(),
+        arch: format!("resnet50 (preset {:?})", spec.preset).to_lowercase(),
+        device: device_name(spec.device),
+        precision: format!("{:?}", spec.precision).to_lowercase(),
+        num_classes: model.num_classes,
+    };
+    let (warm, preset) = (spec.warmup_images, spec.preset);
+    let (batcher, started, handle) = Batcher::spawn("classifier", batch, metrics, move || {
+        let mut engine = ClassifierEngine(model);
+        let img = warmup_image();
+        if warm > 0 {
+            engine.run(
+                (0..warm)
+                    .map(|_| ClassifyInput::new(&img, preset, 1))
+                    .collect(),
+            )?;
+        }
+        Ok(engine)
+    });
+    Ok((
+        Served {
+            batcher,
+            info,
+            labels,
+        },
+        started,
+        handle,
+    ))
+}
