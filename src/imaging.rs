@@ -63,7 +63,13 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
             limit: max_pixels,
         });
     }
-    let mut decoder = reader(bytes)?
+    let reader = reader(bytes)?;
+    if reader.format() == Some(image::ImageFormat::Jpeg) && !jpeg_is_complete(bytes) {
+        return Err(ImageError::Decode(
+            "truncated JPEG: no end-of-image marker after the last scan".into(),
+        ));
+    }
+    let mut decoder = reader
         .into_decoder()
         .map_err(|e| ImageError::Decode(e.to_string()))?;
     let orientation = decoder
@@ -83,4 +89,15 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
         height: h,
         tensor,
     })
+}
+
+/// The JPEG decoder pads a truncated scan with grey instead of failing; a complete file has an
+/// end-of-image marker (FF D9) after its last start-of-scan (FF DA). Neither pair can occur
+/// inside entropy-coded data, where every FF byte is stuffed.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last_scan = bytes.windows(2).rposition(|w| w == [0xff, 0xda]);
+    match last_scan {
+        Some(at) => bytes[at..].windows(2).any(|w| w == [0xff, 0xd9]),
+        None => false,
+    }
 }

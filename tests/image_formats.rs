@@ -77,4 +77,11 @@ fn bad_input_is_refused_clearly() {
         decode(&png, 100),
         Err(ImageError::TooLarge { pixels: 2400, .. })
     ));
+    let jpeg = std::fs::read(make_formats().join("rotated.jpg")).expect("read jpeg");
+    assert!(decode(&jpeg, 1 << 30).is_ok());
+    let truncated = &jpeg[..jpeg.len() * 2 / 3];
+    assert!(
+        matches!(decode(truncated, 1 << 30), Err(ImageError::Decode(_))),
+        "a truncated JPEG is an error, not a grey-padded image"
+    );
 }

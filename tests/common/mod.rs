@@ -132,3 +132,112 @@ pub fn decode_file(path: &Path) -> Tensor {
         .expect("decode image")
         .tensor
 }
+
+/// A `detectd serve` process on 127.0.0.1 with an ephemeral port; killed when dropped.
+pub struct Server {
+    pub child: std::process::Child,
+    pub base: String,
+    pub stderr_path: PathBuf,
+}
+
+impl Server {
+    /// Starts the real binary and waits until it listens and (when `wait_ready`) /readyz is 200.
+    pub fn start(args: &[&str], wait_ready: bool) -> Server {
+        use std::io::BufRead;
+        let stderr_path = std::env::temp_dir().join(format!(
+            "detectd-test-{}-{}.log",
+            std::process::id(),
+            uuid_like()
+        ));
+        let stderr = std::fs::File::create(&stderr_path).expect("create server log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_detectd"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("start detectd serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read listen line");
+        let base = line
+            .trim()
+            .strip_prefix("detectd listening on ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "unexpected first line {line:?}; log:\n{}",
+                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                )
+            });
+        let server = Server {
+            child,
+            base: base.to_owned(),
+            stderr_path,
+        };
+        if wait_ready {
+            server.wait_ready();
+        }
+        server
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn wait_ready(&self) {
+        let client = reqwest::blocking::Client::new();
+        for _ in 0..600 {
+            if let Ok(r) = client.get(self.url("/readyz")).send() {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        panic!("server never became ready; log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> String {
+        reqwest::blocking::get(self.url("/metrics"))
+            .and_then(|r| r.text())
+            .expect("GET /metrics")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}
+
+fn uuid_like() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
+/// The sum of a histogram's `_count` and its `le="1"` bucket for one label set, from
+/// Prometheus text.
+pub fn histogram_count_and_le1(metrics: &str, name: &str, label: &str) -> (f64, f64) {
+    let value = |prefix: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value(&format!("{name}_count{{{label}}}")),
+        value(&format!("{name}_bucket{{{label},le=\"1\"}}")),
+    )
+}
