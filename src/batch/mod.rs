@@ -245,7 +245,11 @@ impl<I, O> Worker<I, O> {
         }
         let n = inputs.len();
         let span = tracing::info_span!("batch", model = %self.name, images = n);
-        let result = span.in_scope(|| engine.run(inputs));
+        // A panic in the engine fails this batch only; the worker goes on serving.
+        let result = span.in_scope(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(inputs)))
+                .unwrap_or_else(|_| Err(ModelError::Inference("the model panicked".into())))
+        });
         let inference = now.elapsed();
         self.metrics
             .inference_duration
@@ -283,5 +287,92 @@ impl<I, O> Worker<I, O> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Doubles numbers; panics on 13 and fails on 7, to exercise batch failures.
+    struct Doubler;
+
+    impl Engine for Doubler {
+        type Input = i32;
+        type Output = i32;
+        fn run(&mut self, inputs: Vec<i32>) -> Result<Vec<i32>, ModelError> {
+            if inputs.contains(&13) {
+                panic!("unlucky");
+            }
+            if inputs.contains(&7) {
+                return Err(ModelError::Inference("seven".into()));
+            }
+            Ok(inputs.into_iter().map(|x| x * 2).collect())
+        }
+    }
+
+    fn batcher(max_queue: usize) -> (Batcher<i32, i32>, JoinHandle<()>) {
+        let config = BatchConfig {
+            max_batch_size: 4,
+            max_batch_delay: Duration::from_millis(20),
+            max_queue,
+        };
+        let (b, started, handle) =
+            Batcher::spawn("test", config, Arc::new(Metrics::new()), || Ok(Doubler));
+        assert!(started.blocking_recv().expect("started").is_ok());
+        (b, handle)
+    }
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    #[test]
+    fn a_failing_batch_fails_its_jobs_and_the_worker_keeps_serving() {
+        let (b, handle) = batcher(16);
+        let bad = b.submit(vec![13], far()).expect("submit");
+        assert!(bad.blocking_recv().expect("reply").is_err());
+        let bad = b.submit(vec![7], far()).expect("submit");
+        assert!(bad.blocking_recv().expect("reply").is_err());
+        let good = b.submit(vec![1, 2], far()).expect("submit");
+        assert_eq!(
+            good.blocking_recv().expect("reply").expect("ok").0,
+            vec![2, 4]
+        );
+        drop(b);
+        handle
+            .join()
+            .expect("worker stops when the batcher is dropped");
+    }
+
+    #[test]
+    fn jobs_share_batches_and_get_their_own_outputs() {
+        let (b, _handle) = batcher(16);
+        let rxs: Vec<_> = (0..3)
+            .map(|i| b.submit(vec![i, 10 + i], far()).expect("submit"))
+            .collect();
+        for (i, rx) in rxs.into_iter().enumerate() {
+            let i = i as i32;
+            assert_eq!(
+                rx.blocking_recv().expect("reply").expect("ok").0,
+                vec![2 * i, 2 * (10 + i)]
+            );
+        }
+    }
+
+    #[test]
+    fn a_full_queue_refuses_at_once_and_expired_jobs_are_skipped() {
+        let (b, _handle) = batcher(2);
+        let expired = b.submit(vec![1, 2], Instant::now()).expect("submit");
+        // Either the worker already took the expired job or the queue is full.
+        match b.submit(vec![3], far()) {
+            Err(SubmitError::QueueFull) => {}
+            Ok(rx) => assert!(rx.blocking_recv().expect("reply").is_ok()),
+            Err(e) => panic!("{e}"),
+        }
+        assert!(
+            expired.blocking_recv().is_err(),
+            "an expired job is dropped unanswered"
+        );
     }
 }

@@ -16,6 +16,7 @@ use crate::http::{router, AppState};
 use crate::metrics::Metrics;
 use crate::model::{device, ArchChoice, DeviceChoice, ModelError, Precision, Preset};
 use crate::service::{start_classifier, start_detector, ClassifierSpec, DetectorSpec, Service};
+use crate::weights::hub;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LogFormat {
@@ -138,7 +139,21 @@ type Workers = Vec<(
     tokio::sync::oneshot::Receiver<Result<(), ModelError>>,
 )>;
 
+/// Fetches every published checkpoint the arguments name, so that one error lists all the
+/// files that are missing rather than the first.
+fn fetch_published(args: &ServeArgs) -> anyhow::Result<()> {
+    let wanted: Vec<hub::Published> = [&args.detector_weights, &args.classifier_weights]
+        .into_iter()
+        .flatten()
+        .filter(|w| !std::path::Path::new(w.as_str()).exists())
+        .filter_map(|w| hub::find(w))
+        .collect();
+    hub::ensure_all(&wanted, &args.cache.cache_dir).map_err(anyhow::Error::msg)?;
+    Ok(())
+}
+
 fn start_models(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<(Service, Workers)> {
+    fetch_published(args)?;
     let device = device::resolve(args.device)?;
     let batch = BatchConfig {
         max_batch_size: args.max_batch_size.max(1),

@@ -38,7 +38,7 @@ fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
     hi: T,
 ) -> Result<T, ApiError> {
     let v = v.unwrap_or(default);
-    if v < lo || v > hi || v != v {
+    if !(lo..=hi).contains(&v) {
         return Err(ApiError::InvalidParameter(format!(
             "{name} must be within {lo}..={hi}, got {v}"
         )));
