@@ -39,7 +39,7 @@ fn parity(preset: Preset, name: &str) {
         &data_dir().join(format!("ref_cls_{name}.safetensors")),
         &args,
     ));
-    let model = Classifier::load(&weights, Device::Cpu).expect("load classifier");
+    let model = Classifier::load(&weights, Device::Cpu, fp32()).expect("load classifier");
     let inputs: Vec<_> = images
         .iter()
         .map(|p| prepare_classifier(&decode_file(p), preset.resize(), CROP))

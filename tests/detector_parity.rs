@@ -34,6 +34,7 @@ fn model(arch: &str, extra: &[&str]) -> (FasterRcnn, std::path::PathBuf) {
         arch: ArchChoice::Auto,
         frozen_bn_eps: None,
         device: Device::Cpu,
+        compute: fp32(),
     };
     (
         FasterRcnn::load(&weights, &config).expect("load detector"),

@@ -42,6 +42,7 @@ fn load(path: &Path) -> Result<FasterRcnn, String> {
         arch: ArchChoice::Auto,
         frozen_bn_eps: None,
         device: Device::Cpu,
+        compute: fp32(),
     };
     FasterRcnn::load(path, &config).map_err(|e| e.to_string())
 }
@@ -76,7 +77,7 @@ fn zip_legacy_pickle_and_safetensors_hold_the_same_tensors() {
             "{out}",
         ],
     );
-    Classifier::load(&cls, Device::Cpu).expect("legacy-format classifier");
+    Classifier::load(&cls, Device::Cpu, fp32()).expect("legacy-format classifier");
 }
 
 #[test]
@@ -144,7 +145,7 @@ fn wrong_files_name_what_does_not_fit() {
     );
     let err = load(&cls).err().expect("classifier is not a detector");
     assert!(err.contains("not a Faster R-CNN checkpoint"), "{err}");
-    let err = Classifier::load(&v1("pth", &[]), Device::Cpu)
+    let err = Classifier::load(&v1("pth", &[]), Device::Cpu, fp32())
         .err()
         .expect("detector is not a classifier")
         .to_string();
@@ -159,6 +160,7 @@ fn wrong_files_name_what_does_not_fit() {
         arch: ArchChoice::V2,
         frozen_bn_eps: None,
         device: Device::Cpu,
+        compute: fp32(),
     };
     let err = FasterRcnn::load(&v1("pth", &[]), &config)
         .err()

@@ -1,7 +1,9 @@
 //! Command line: `detectd detect`, `detectd classify`, `detectd serve`, `detectd weights`.
 
+mod bench;
 mod serve;
 
+use crate::model::{resolve_precision, Compute};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +41,8 @@ pub enum Command {
     Detect(DetectArgs),
     /// Classify images; prints one JSON line per image.
     Classify(ClassifyArgs),
+    /// Time the detector or classifier in-process on synthetic images (JSON out).
+    Bench(bench::BenchArgs),
     /// Serve /detect and /classify over HTTP.
     Serve(Box<serve::ServeArgs>),
     /// List or fetch torchvision's published checkpoints.
@@ -71,9 +75,23 @@ pub struct Runtime {
     /// Where to run the model.
     #[arg(long, value_enum, default_value = "auto", env = "DETECTD_DEVICE")]
     pub device: DeviceChoice,
-    /// Numeric precision of the model.
+    /// Numeric precision: fp32 is torchvision's arithmetic; bf16/fp16 are faster.
     #[arg(long, value_enum, default_value = "fp32", env = "DETECTD_PRECISION")]
     pub precision: Precision,
+    /// libtorch intra-op threads (default: all cores).
+    #[arg(long, env = "DETECTD_THREADS")]
+    pub threads: Option<i32>,
+}
+
+impl Runtime {
+    /// Applies the thread setting and picks the device and how to compute on it.
+    pub fn resolve(&self) -> anyhow::Result<(tch::Device, Compute)> {
+        if let Some(n) = self.threads {
+            tch::set_num_threads(n);
+        }
+        let device = device::resolve(self.device)?;
+        Ok((device, resolve_precision(self.precision, device).1))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -131,6 +149,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Classify(args) => classify(args),
         Command::Weights(cmd) => weights(cmd),
         Command::Serve(args) => serve::run(*args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 
@@ -234,11 +253,12 @@ fn for_each_image<T>(
 }
 
 fn detect(args: DetectArgs) -> anyhow::Result<ExitCode> {
-    let device = device::resolve(args.runtime.device)?;
+    let (device, compute) = args.runtime.resolve()?;
     let config = DetectorConfig {
         arch: args.arch,
         frozen_bn_eps: args.frozen_bn_eps,
         device,
+        compute,
     };
     let model = FasterRcnn::load(&resolve_weights(&args.weights, &args.cache)?, &config)?;
     let labels = Labels::for_model(args.labels.as_deref(), model.num_classes, Labels::coco)?;
@@ -263,8 +283,12 @@ fn detect(args: DetectArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
-    let device = device::resolve(args.runtime.device)?;
-    let model = Classifier::load(&resolve_weights(&args.weights, &args.cache)?, device)?;
+    let (device, compute) = args.runtime.resolve()?;
+    let model = Classifier::load(
+        &resolve_weights(&args.weights, &args.cache)?,
+        device,
+        compute,
+    )?;
     let labels = Labels::for_model(args.labels.as_deref(), model.num_classes, Labels::imagenet)?;
     let resize = args.preset.resize();
     for_each_image(

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
+use super::layers::Compute;
 use super::resnet::ResNet50;
 use super::{guard, ModelError};
 use crate::weights::{Loader, StateDict, WeightsError};
@@ -43,7 +44,7 @@ pub struct Prediction {
 }
 
 impl Classifier {
-    pub fn load(path: &Path, device: Device) -> Result<Self, ModelError> {
+    pub fn load(path: &Path, device: Device, compute: Compute) -> Result<Self, ModelError> {
         let sd = StateDict::load(path)?;
         let num_classes =
             sd.shape("fc.weight")
@@ -53,8 +54,11 @@ impl Classifier {
                     reason: "not a ResNet-50 classifier checkpoint: no fc.weight".into(),
                 })?;
         let loader = Loader::new(sd, "ResNet-50", device);
-        let net = ResNet50::load(&loader.root(), num_classes);
+        let mut net = ResNet50::load(&loader.root(), num_classes);
         loader.finish()?;
+        if compute != Compute::EXACT {
+            guard(|| net.prepare(compute))?;
+        }
         Ok(Self {
             num_classes,
             device,

@@ -3,10 +3,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::fpn::Fpn;
-use super::layers::NormKind;
+use super::layers::{Compute, NormKind};
 use super::resnet::ResNetBody;
 use super::roi_heads::{multiscale_roi_align, postprocess, BoxHead, Predictor, RawDetections};
 use super::rpn::{propose, RpnHead};
@@ -39,6 +39,8 @@ pub struct DetectorConfig {
     /// eps of v1's FrozenBatchNorm2d. None: 0.0, as the official COCO weights run.
     pub frozen_bn_eps: Option<f64>,
     pub device: Device,
+    /// How to compute; `Compute::EXACT` is torchvision's f32 arithmetic.
+    pub compute: Compute,
 }
 
 pub struct FasterRcnn {
@@ -46,6 +48,7 @@ pub struct FasterRcnn {
     pub num_classes: i64,
     pub norm: NormKind,
     pub device: Device,
+    pub compute: Compute,
     body: ResNetBody,
     fpn: Fpn,
     rpn: RpnHead,
@@ -89,6 +92,10 @@ impl FasterRcnn {
         let loader = Loader::new(sd, &format!("Faster R-CNN {arch:?}"), config.device);
         let model = Self::build(&loader, arch, num_classes, norm, config.device);
         loader.finish()?;
+        let mut model = model;
+        if config.compute != Compute::EXACT {
+            guard(|| model.prepare(config.compute))?;
+        }
         Ok(model)
     }
 
@@ -107,6 +114,7 @@ impl FasterRcnn {
             num_classes,
             norm,
             device,
+            compute: Compute::EXACT,
             body: ResNetBody::load(&root.sub("backbone").sub("body"), norm),
             fpn: Fpn::load(
                 &root.sub("backbone").sub("fpn"),
@@ -123,6 +131,17 @@ impl FasterRcnn {
             },
             predictor: Predictor::load(&roi.sub("box_predictor"), num_classes),
         }
+    }
+
+    /// Casts and lays out the weights for `c` (folding norms if asked); the pre- and
+    /// postprocessing stay f32.
+    fn prepare(&mut self, c: Compute) {
+        self.body.prepare(c);
+        self.fpn.prepare(c);
+        self.rpn.prepare(c);
+        self.box_head.prepare(c);
+        self.predictor.prepare(c);
+        self.compute = c;
     }
 
     /// Detections for each image, in input order. Images are batched only with images of the
@@ -167,7 +186,9 @@ impl FasterRcnn {
         trace: bool,
     ) -> Vec<Traced> {
         let images: Vec<&Prepared> = group.iter().map(|r| r.image).collect();
-        let batch = pad_batch(&images, padded).to_device(self.device);
+        let batch = self
+            .compute
+            .input(&pad_batch(&images, padded).to_device(self.device));
         let features = self.fpn.forward(&self.body.forward(&batch));
         let sizes: Vec<(i64, i64)> = images.iter().map(|p| p.resized).collect();
         let proposals = propose(&self.rpn, &features, &sizes, padded);
@@ -179,8 +200,8 @@ impl FasterRcnn {
                     features[..4].iter().map(|f| f.get(b as i64)).collect();
                 let pooled = multiscale_roi_align(&per_image, &proposals[b], r.image.resized);
                 let x = self.box_head.forward(&pooled);
-                let logits = self.predictor.cls_score.forward(&x);
-                let deltas = self.predictor.bbox_pred.forward(&x);
+                let logits = self.predictor.cls_score.forward(&x).to_kind(Kind::Float);
+                let deltas = self.predictor.bbox_pred.forward(&x).to_kind(Kind::Float);
                 let raw = postprocess(
                     &logits,
                     &deltas,

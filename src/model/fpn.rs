@@ -3,7 +3,7 @@
 
 use tch::Tensor;
 
-use super::layers::{ConvNorm, NormKind};
+use super::layers::{Compute, ConvNorm, NormKind};
 use crate::weights::VarPath;
 
 pub const FPN_CHANNELS: i64 = 256;
@@ -19,12 +19,23 @@ impl Fpn {
         let (inner, layer) = (p.sub("inner_blocks"), p.sub("layer_blocks"));
         Self {
             inner_blocks: (0..in_channels.len())
-                .map(|i| ConvNorm::load(&inner.sub(i), in_channels[i], FPN_CHANNELS, 1, norm))
+                .map(|i| {
+                    ConvNorm::load_sequential(&inner.sub(i), in_channels[i], FPN_CHANNELS, 1, norm)
+                })
                 .collect(),
             layer_blocks: (0..in_channels.len())
-                .map(|i| ConvNorm::load(&layer.sub(i), FPN_CHANNELS, FPN_CHANNELS, 3, norm))
+                .map(|i| {
+                    ConvNorm::load_sequential(&layer.sub(i), FPN_CHANNELS, FPN_CHANNELS, 3, norm)
+                })
                 .collect(),
         }
+    }
+
+    pub fn prepare(&mut self, c: Compute) {
+        self.inner_blocks
+            .iter_mut()
+            .chain(&mut self.layer_blocks)
+            .for_each(|b| b.prepare(c));
     }
 
     /// C2..C5 → P2..P6 ('0','1','2','3','pool'). The top-down path carries the sum before the

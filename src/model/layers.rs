@@ -1,8 +1,52 @@
 //! The building blocks torchvision's models are made of, loaded from their state_dict paths.
+//!
+//! Each block loads in f32 exactly as torchvision computes, and can then be `prepare`d for a
+//! faster numeric setting: eval norms folded into the preceding conv, weights cast to bf16 or
+//! fp16 and laid out channels-last.
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::weights::VarPath;
+
+/// How a prepared model computes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Compute {
+    /// dtype of weights and activations in the convolution and linear layers.
+    pub kind: Kind,
+    /// NHWC memory layout, which oneDNN's fast CPU kernels (AMX among them) want.
+    pub channels_last: bool,
+    /// Fold eval BatchNorm into the convs (changes results in the last bits only).
+    pub fold_norms: bool,
+}
+
+impl Compute {
+    /// torchvision's own arithmetic: f32, NCHW, norms applied as separate ops.
+    pub const EXACT: Compute = Compute {
+        kind: Kind::Float,
+        channels_last: false,
+        fold_norms: false,
+    };
+
+    /// Casts an activation `[N, C, H, W]` to this setting.
+    pub fn input(&self, x: &Tensor) -> Tensor {
+        let x = if x.kind() == self.kind {
+            x.shallow_clone()
+        } else {
+            x.to_kind(self.kind)
+        };
+        if self.channels_last {
+            channels_last(&x)
+        } else {
+            x
+        }
+    }
+}
+
+/// The same 4-D tensor with NHWC strides. tch has no memory-format argument, so the layout is
+/// made by a contiguous copy of the permuted view, then viewed back as NCHW.
+pub fn channels_last(x: &Tensor) -> Tensor {
+    x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
 
 /// `nn.Conv2d` (square kernel, groups 1, dilation 1).
 pub struct Conv2d {
@@ -22,6 +66,26 @@ impl Conv2d {
             stride,
             padding: k / 2,
         }
+    }
+
+    /// Folds an eval norm that follows this conv into its weight and bias.
+    pub fn fold(&mut self, norm: &Norm) {
+        let (scale, shift) = norm.scale_shift();
+        self.weight = &self.weight * scale.view([-1, 1, 1, 1]);
+        self.bias = Some(match &self.bias {
+            Some(b) => b * &scale + shift,
+            None => shift,
+        });
+    }
+
+    pub fn prepare(&mut self, c: Compute) {
+        let w = self.weight.to_kind(c.kind);
+        self.weight = if c.channels_last {
+            channels_last(&w)
+        } else {
+            w
+        };
+        self.bias = self.bias.as_ref().map(|b| b.to_kind(c.kind));
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -50,7 +114,18 @@ impl Linear {
         }
     }
 
+    pub fn prepare(&mut self, c: Compute) {
+        self.weight = self.weight.to_kind(c.kind);
+        self.bias = self.bias.to_kind(c.kind);
+    }
+
+    /// Casts the input to the weights' dtype, so callers may pass f32.
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        let x = if x.kind() == self.weight.kind() {
+            x.shallow_clone()
+        } else {
+            x.to_kind(self.weight.kind())
+        };
         x.linear(&self.weight, Some(&self.bias))
     }
 
@@ -106,6 +181,47 @@ impl Norm {
         }
     }
 
+    /// Per-channel `(scale, shift)` with `norm(x) = x * scale + shift`.
+    pub fn scale_shift(&self) -> (Tensor, Tensor) {
+        match self {
+            Norm::Frozen { scale, shift } => (scale.view([-1]), shift.view([-1])),
+            Norm::Batch {
+                weight,
+                bias,
+                mean,
+                var,
+                eps,
+            } => {
+                let scale = weight * (var + *eps).rsqrt();
+                let shift = bias - mean * &scale;
+                (scale, shift)
+            }
+        }
+    }
+
+    pub fn prepare(&mut self, c: Compute) {
+        let cast = |t: &Tensor| t.to_kind(c.kind);
+        *self = match &*self {
+            Norm::Frozen { scale, shift } => Norm::Frozen {
+                scale: cast(scale),
+                shift: cast(shift),
+            },
+            Norm::Batch {
+                weight,
+                bias,
+                mean,
+                var,
+                eps,
+            } => Norm::Batch {
+                weight: cast(weight),
+                bias: cast(bias),
+                mean: cast(mean),
+                var: cast(var),
+                eps: *eps,
+            },
+        };
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         match self {
             Norm::Frozen { scale, shift } => x * scale + shift,
@@ -129,18 +245,41 @@ impl Norm {
     }
 }
 
-/// torchvision's `Conv2dNormActivation` without activation: `[conv, norm]` at `.0` and `.1`,
-/// or `[conv with bias]` at `.0` when there is no norm.
+/// A conv followed by an optional eval norm, no activation.
 pub struct ConvNorm {
     conv: Conv2d,
     norm: Option<Norm>,
 }
 
 impl ConvNorm {
-    pub fn load(p: &VarPath, cin: i64, cout: i64, k: i64, norm: Option<NormKind>) -> Self {
+    pub fn new(conv: Conv2d, norm: Option<Norm>) -> Self {
+        Self { conv, norm }
+    }
+
+    /// torchvision's `Conv2dNormActivation` layout: `[conv, norm]` at `.0` and `.1`, or
+    /// `[conv with bias]` at `.0` when there is no norm.
+    pub fn load_sequential(
+        p: &VarPath,
+        cin: i64,
+        cout: i64,
+        k: i64,
+        norm: Option<NormKind>,
+    ) -> Self {
         let conv = Conv2d::load(&p.sub(0), cin, cout, k, 1, norm.is_none());
         let norm = norm.map(|kind| Norm::load(&p.sub(1), cout, kind));
         Self { conv, norm }
+    }
+
+    pub fn prepare(&mut self, c: Compute) {
+        if c.fold_norms {
+            if let Some(norm) = self.norm.take() {
+                self.conv.fold(&norm);
+            }
+        }
+        self.conv.prepare(c);
+        if let Some(norm) = &mut self.norm {
+            norm.prepare(c);
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {

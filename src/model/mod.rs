@@ -18,7 +18,8 @@ use crate::weights::WeightsError;
 
 pub use classifier::{Classifier, Prediction, Preset};
 pub use detector::{Arch, ArchChoice, DetectRequest, Detection, DetectorConfig, FasterRcnn};
-pub use device::{DeviceChoice, Precision};
+pub use device::{resolve_precision, DeviceChoice, Precision};
+pub use layers::Compute;
 
 /// Errors of the model layer. Clone, so one failure can be handed to every request of a batch.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -1,23 +1,32 @@
 //! ResNet-50 (torchvision's v1.5 layout: stride on the 3×3 conv), as the detector's body and
 //! as the ImageNet classifier. Module names follow `torchvision.models.resnet`.
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
-use super::layers::{Conv2d, Linear, Norm, NormKind};
+use super::layers::{Compute, Conv2d, ConvNorm, Linear, Norm, NormKind};
 use crate::weights::VarPath;
 
 /// Blocks per layer and bottleneck width of ResNet-50.
 const LAYERS: [(i64, i64); 4] = [(3, 64), (4, 128), (6, 256), (3, 512)];
 const EXPANSION: i64 = 4;
 
+/// `conv{i}` + `bn{i}` of a block or the stem.
+fn conv_bn(
+    p: &VarPath,
+    i: &str,
+    cin: i64,
+    cout: i64,
+    k: i64,
+    stride: i64,
+    norm: NormKind,
+) -> ConvNorm {
+    let conv = Conv2d::load(&p.sub(format!("conv{i}")), cin, cout, k, stride, false);
+    ConvNorm::new(conv, Some(Norm::load(&p.sub(format!("bn{i}")), cout, norm)))
+}
+
 struct Bottleneck {
-    conv1: Conv2d,
-    bn1: Norm,
-    conv2: Conv2d,
-    bn2: Norm,
-    conv3: Conv2d,
-    bn3: Norm,
-    downsample: Option<(Conv2d, Norm)>,
+    convs: [ConvNorm; 3],
+    downsample: Option<ConvNorm>,
 }
 
 impl Bottleneck {
@@ -25,28 +34,32 @@ impl Bottleneck {
         let cout = width * EXPANSION;
         let downsample = (stride != 1 || cin != cout).then(|| {
             let d = p.sub("downsample");
-            (
-                Conv2d::load(&d.sub(0), cin, cout, 1, stride, false),
-                Norm::load(&d.sub(1), cout, norm),
-            )
+            let conv = Conv2d::load(&d.sub(0), cin, cout, 1, stride, false);
+            ConvNorm::new(conv, Some(Norm::load(&d.sub(1), cout, norm)))
         });
         Self {
-            conv1: Conv2d::load(&p.sub("conv1"), cin, width, 1, 1, false),
-            bn1: Norm::load(&p.sub("bn1"), width, norm),
-            conv2: Conv2d::load(&p.sub("conv2"), width, width, 3, stride, false),
-            bn2: Norm::load(&p.sub("bn2"), width, norm),
-            conv3: Conv2d::load(&p.sub("conv3"), width, cout, 1, 1, false),
-            bn3: Norm::load(&p.sub("bn3"), cout, norm),
+            convs: [
+                conv_bn(p, "1", cin, width, 1, 1, norm),
+                conv_bn(p, "2", width, width, 3, stride, norm),
+                conv_bn(p, "3", width, cout, 1, 1, norm),
+            ],
             downsample,
         }
     }
 
+    fn prepare(&mut self, c: Compute) {
+        self.convs
+            .iter_mut()
+            .chain(self.downsample.as_mut())
+            .for_each(|b| b.prepare(c));
+    }
+
     fn forward(&self, x: &Tensor) -> Tensor {
-        let y = self.bn1.forward(&self.conv1.forward(x)).relu();
-        let y = self.bn2.forward(&self.conv2.forward(&y)).relu();
-        let y = self.bn3.forward(&self.conv3.forward(&y));
+        let y = self.convs[0].forward(x).relu();
+        let y = self.convs[1].forward(&y).relu();
+        let y = self.convs[2].forward(&y);
         let identity = match &self.downsample {
-            Some((conv, bn)) => bn.forward(&conv.forward(x)),
+            Some(d) => d.forward(x),
             None => x.shallow_clone(),
         };
         (y + identity).relu()
@@ -55,8 +68,7 @@ impl Bottleneck {
 
 /// conv1 … layer4, returning the output of each layer (C2..C5).
 pub struct ResNetBody {
-    conv1: Conv2d,
-    bn1: Norm,
+    stem: ConvNorm,
     layers: Vec<Vec<Bottleneck>>,
 }
 
@@ -81,10 +93,14 @@ impl ResNetBody {
             layers.push(layer);
         }
         Self {
-            conv1: Conv2d::load(&p.sub("conv1"), 3, 64, 7, 2, false),
-            bn1: Norm::load(&p.sub("bn1"), 64, norm),
+            stem: conv_bn(p, "1", 3, 64, 7, 2, norm),
             layers,
         }
+    }
+
+    pub fn prepare(&mut self, c: Compute) {
+        self.stem.prepare(c);
+        self.layers.iter_mut().flatten().for_each(|b| b.prepare(c));
     }
 
     /// Output channels of each returned layer.
@@ -93,7 +109,7 @@ impl ResNetBody {
     }
 
     pub fn forward(&self, x: &Tensor) -> Vec<Tensor> {
-        let x = self.bn1.forward(&self.conv1.forward(x)).relu();
+        let x = self.stem.forward(x).relu();
         let mut x = x.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         let mut outs = Vec::with_capacity(4);
         for layer in &self.layers {
@@ -110,6 +126,7 @@ impl ResNetBody {
 pub struct ResNet50 {
     body: ResNetBody,
     fc: Linear,
+    compute: Compute,
 }
 
 impl ResNet50 {
@@ -117,18 +134,26 @@ impl ResNet50 {
         Self {
             body: ResNetBody::load(p, NormKind::Batch { eps: 1e-5 }),
             fc: Linear::load(&p.sub("fc"), 2048, num_classes),
+            compute: Compute::EXACT,
         }
     }
 
-    /// Logits for a batch `[N, 3, 224, 224]`.
+    pub fn prepare(&mut self, c: Compute) {
+        self.body.prepare(c);
+        self.fc.prepare(c);
+        self.compute = c;
+    }
+
+    /// f32 logits for a batch `[N, 3, 224, 224]`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let c5 = self
             .body
-            .forward(x)
+            .forward(&self.compute.input(x))
             .pop()
             .expect("ResNetBody returns four levels");
         self.fc
             .forward(&c5.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
+            .to_kind(Kind::Float)
     }
 
     pub fn num_classes(&self) -> i64 {

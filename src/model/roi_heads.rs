@@ -4,7 +4,7 @@
 use tch::{Kind, Tensor};
 
 use super::fpn::FPN_CHANNELS;
-use super::layers::{Conv2d, Linear, Norm, NormKind};
+use super::layers::{Compute, ConvNorm, Linear, NormKind};
 use super::ops::boxes::{area, clip_to_image, remove_small, BoxCoder};
 use super::ops::{batched_nms, roi_align};
 use crate::weights::VarPath;
@@ -43,9 +43,10 @@ pub fn multiscale_roi_align(
     let (k_min, k_max) = (k_min as i64, k_max as i64);
     let levels = map_levels(proposals, k_min, k_max);
     let k = proposals.size()[0];
+    // Pooled features are f32 whatever the features' dtype: RoIAlign interpolates in f32.
     let mut result = Tensor::zeros(
         [k, FPN_CHANNELS, POOL, POOL],
-        (features[0].kind(), features[0].device()),
+        (Kind::Float, features[0].device()),
     );
     for (level, (feature, &scale)) in features.iter().zip(&scales).enumerate() {
         let idx = levels.eq(level as i64).nonzero().squeeze_dim(1);
@@ -84,8 +85,9 @@ pub enum BoxHead {
     Mlp { fc6: Linear, fc7: Linear },
     /// v2 `FastRCNNConvFCHead`: four conv-BN-ReLU blocks, then one fc at index 5.
     Conv {
-        blocks: Vec<(Conv2d, Norm)>,
+        blocks: Vec<ConvNorm>,
         fc: Linear,
+        compute: Compute,
     },
 }
 
@@ -100,28 +102,48 @@ impl BoxHead {
 
     pub fn load_conv(p: &VarPath) -> Self {
         let c = FPN_CHANNELS;
-        let norm = NormKind::Batch { eps: 1e-5 };
+        let norm = Some(NormKind::Batch { eps: 1e-5 });
         let blocks = (0..4)
-            .map(|i| {
-                (
-                    Conv2d::load(&p.sub(i).sub(0), c, c, 3, 1, false),
-                    Norm::load(&p.sub(i).sub(1), c, norm),
-                )
-            })
+            .map(|i| ConvNorm::load_sequential(&p.sub(i), c, c, 3, norm))
             .collect();
+        let fc = Linear::load(&p.sub(5), c * POOL * POOL, REPRESENTATION);
         BoxHead::Conv {
             blocks,
-            fc: Linear::load(&p.sub(5), c * POOL * POOL, REPRESENTATION),
+            fc,
+            compute: Compute::EXACT,
         }
     }
 
+    pub fn prepare(&mut self, c: Compute) {
+        match self {
+            BoxHead::Mlp { fc6, fc7 } => {
+                fc6.prepare(c);
+                fc7.prepare(c);
+            }
+            BoxHead::Conv {
+                blocks,
+                fc,
+                compute,
+            } => {
+                blocks.iter_mut().for_each(|b| b.prepare(c));
+                fc.prepare(c);
+                *compute = c;
+            }
+        }
+    }
+
+    /// Pooled f32 features `[K, 256, 7, 7]` → box features `[K, 1024]`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         match self {
             BoxHead::Mlp { fc6, fc7 } => fc7.forward(&fc6.forward(&x.flatten(1, -1)).relu()).relu(),
-            BoxHead::Conv { blocks, fc } => {
-                let mut x = x.shallow_clone();
-                for (conv, norm) in blocks {
-                    x = norm.forward(&conv.forward(&x)).relu();
+            BoxHead::Conv {
+                blocks,
+                fc,
+                compute,
+            } => {
+                let mut x = compute.input(x);
+                for block in blocks {
+                    x = block.forward(&x).relu();
                 }
                 fc.forward(&x.flatten(1, -1)).relu()
             }
@@ -136,6 +158,16 @@ pub struct Predictor {
 }
 
 impl Predictor {
+    /// The predictor is tiny (1024 → classes) and sets scores and boxes: it stays f32.
+    pub fn prepare(&mut self, c: Compute) {
+        let out = Compute {
+            kind: Kind::Float,
+            ..c
+        };
+        self.cls_score.prepare(out);
+        self.bbox_pred.prepare(out);
+    }
+
     pub fn load(p: &VarPath, num_classes: i64) -> Self {
         Self {
             cls_score: Linear::load(&p.sub("cls_score"), REPRESENTATION, num_classes),

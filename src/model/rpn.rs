@@ -4,7 +4,7 @@ use tch::{Kind, Tensor};
 
 use super::anchors::{grid_anchors, ANCHORS_PER_LOCATION};
 use super::fpn::FPN_CHANNELS;
-use super::layers::Conv2d;
+use super::layers::{Compute, Conv2d};
 use super::ops::batched_nms;
 use super::ops::boxes::{clip_to_image, remove_small, BoxCoder};
 use crate::weights::VarPath;
@@ -35,6 +35,18 @@ impl RpnHead {
         }
     }
 
+    /// The shared 3×3 convs take the fast setting; the two 1×1 output convs stay f32 (but in
+    /// the same layout), since objectness ranks ~240k anchors whose logits bf16 would tie.
+    pub fn prepare(&mut self, c: Compute) {
+        self.convs.iter_mut().for_each(|conv| conv.prepare(c));
+        let out = Compute {
+            kind: Kind::Float,
+            ..c
+        };
+        self.cls_logits.prepare(out);
+        self.bbox_pred.prepare(out);
+    }
+
     /// Objectness logits `[N, ΣHWA]` and deltas `[N, ΣHWA, 4]`, flattened level by level in
     /// (y, x, anchor) order to line up with the anchors.
     fn forward(&self, features: &[Tensor]) -> (Tensor, Tensor) {
@@ -46,16 +58,14 @@ impl RpnHead {
                 t = conv.forward(&t).relu();
             }
             let n = f.size()[0];
-            logits.push(
-                self.cls_logits
-                    .forward(&t)
-                    .permute([0, 2, 3, 1])
-                    .reshape([n, -1]),
-            );
+            // Scores and deltas leave the head in f32: decoding and top-k need it.
+            let t = t.to_kind(Kind::Float);
+            let l = self.cls_logits.forward(&t);
+            logits.push(l.permute([0, 2, 3, 1]).reshape([n, -1]));
             let d = self.bbox_pred.forward(&t);
             let (h, w) = (d.size()[2], d.size()[3]);
             let d = d
-                .view([n, ANCHORS_PER_LOCATION, 4, h, w])
+                .reshape([n, ANCHORS_PER_LOCATION, 4, h, w])
                 .permute([0, 3, 4, 1, 2]);
             deltas.push(d.reshape([n, -1, 4]));
         }

@@ -1,5 +1,6 @@
 //! The two models as batch engines: what a queued image carries and how a batch runs.
 
+use crate::model::resolve_precision;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -137,10 +138,12 @@ pub fn start_detector(
     batch: BatchConfig,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Started<DetectInput, Vec<Detection>>> {
+    let (precision, compute) = resolve_precision(spec.precision, spec.device);
     let config = DetectorConfig {
         arch: spec.arch,
         frozen_bn_eps: spec.frozen_bn_eps,
         device: spec.device,
+        compute,
     };
     let model = FasterRcnn::load(&spec.weights, &config)?;
     let labels = Labels::for_model(spec.labels.as_deref(), model.num_classes, Labels::coco)?;
@@ -151,7 +154,7 @@ pub fn start_detector(
             format!("{:?}", model.arch).to_lowercase()
         ),
         device: device_name(spec.device),
-        precision: format!("{:?}", spec.precision).to_lowercase(),
+        precision: precision.name().into(),
         num_classes: model.num_classes,
     };
     let warm = spec.warmup_images;
@@ -179,13 +182,14 @@ pub fn start_classifier(
     batch: BatchConfig,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Started<ClassifyInput, Vec<Prediction>>> {
-    let model = Classifier::load(&spec.weights, spec.device)?;
+    let (precision, compute) = resolve_precision(spec.precision, spec.device);
+    let model = Classifier::load(&spec.weights, spec.device, compute)?;
     let labels = Labels::for_model(spec.labels.as_deref(), model.num_classes, Labels::imagenet)?;
     let info = ModelInfo {
         name: "classifier".into(),
         arch: format!("resnet50 (preset {:?})", spec.preset).to_lowercase(),
         device: device_name(spec.device),
-        precision: format!("{:?}", spec.precision).to_lowercase(),
+        precision: precision.name().into(),
         num_classes: model.num_classes,
     };
     let (warm, preset) = (spec.warmup_images, spec.preset);

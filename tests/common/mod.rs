@@ -241,3 +241,8 @@ pub fn histogram_count_and_le1(metrics: &str, name: &str, label: &str) -> (f64, 
         value(&format!("{name}_bucket{{{label},le=\"1\"}}")),
     )
 }
+
+/// How `--precision fp32` computes on the CPU: what users run, so what parity is proven for.
+pub fn fp32() -> detectd::model::Compute {
+    detectd::model::resolve_precision(detectd::model::Precision::Fp32, tch::Device::Cpu).1
+}

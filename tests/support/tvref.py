@@ -45,7 +45,7 @@ def perturb_(model, seed):
         calibrate_fc_(model, g)
 
 
-def calibrate_fc_(model, g):
+def calibrate_fc_(model, g, per_feature=True):
     """Random BN statistics make pooled features nearly image-independent, so a random fc
     predicts one class for everything. Centre and scale the fc on the features of a few noise
     images, so that predictions differ between images and top-1 probabilities are moderate."""
@@ -56,10 +56,36 @@ def calibrate_fc_(model, g):
     feats = model((images - 0.45) / 0.225)
     model.fc = fc
     mu, sd = feats.mean(0), feats.std(0) + 1e-6
-    w = torch.randn(fc.weight.shape, generator=g) / sd
+    w = torch.randn(fc.weight.shape, generator=g) / (sd if per_feature else 1.0)
     w *= 3.0 / ((feats - mu) @ w.T).std()
     fc.weight.data.copy_(w)
     fc.bias.data.copy_(-(w @ mu))
+
+
+def calibrate_bn_(model, g, size):
+    """Sets BatchNorm statistics to those of a few smooth random images, as training would:
+    activations then stay normalized through the depth, as in a trained network, instead of
+    drifting as random statistics make them. Used where conditioning matters (precision tests)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    coarse = torch.rand(2, 3, 8, 8, generator=g)
+    images = torch.nn.functional.interpolate(coarse, size=size, mode="bilinear")
+    if hasattr(model, "roi_heads"):
+        model(list(images))
+    else:
+        model((images - 0.45) / 0.225)
+    for m in bns:
+        m.eval()
+    # Residual branches small, as trained ResNets have them (cf. zero-init-residual): a random
+    # ResNet whose branches are full-size amplifies any rounding ~2x per stage.
+    from torchvision.models.resnet import Bottleneck
+    for m in model.modules():
+        if isinstance(m, Bottleneck):
+            m.bn3.weight.data.mul_(0.3)
+            m.bn3.bias.data.mul_(0.3)
 
 
 def build_detector(arch, num_classes=91, frozen_eps=None):
@@ -102,6 +128,11 @@ def cmd_make_detector(a):
     torch.manual_seed(a.seed)
     model = build_detector(a.arch, a.num_classes, a.frozen_eps).eval()
     perturb_(model, a.seed)
+    if a.calibrate:
+        calibrate_bn_(model, torch.Generator().manual_seed(a.seed + 2), (480, 640))
+        # Normalized features are smaller than random-statistics ones: sharpen the classes so
+        # that confident (>= 0.3) detections exist.
+        model.roi_heads.box_predictor.cls_score.weight.data.mul_(7.0 if a.arch == "v1" else 20.0)
     sd = model.state_dict()
     if a.legacy_names:
         sd = legacy_names(sd)
@@ -112,6 +143,10 @@ def cmd_make_classifier(a):
     torch.manual_seed(a.seed)
     model = torchvision.models.resnet50(weights=None).eval()
     perturb_(model, a.seed)
+    if a.calibrate:
+        g = torch.Generator().manual_seed(a.seed + 2)
+        calibrate_bn_(model, g, (224, 224))
+        calibrate_fc_(model, g, per_feature=False)
     save_state_dict(model.state_dict(), a.weights, a.format)
 
 
@@ -226,10 +261,12 @@ def main():
     s.add_argument("--num-classes", type=int, default=91)
     s.add_argument("--frozen-eps", type=float, default=None)
     s.add_argument("--legacy-names", action="store_true")
+    s.add_argument("--calibrate", action="store_true", help="BatchNorm statistics from data, not random")
     s.add_argument("--format", choices=["pth", "pth-legacy", "safetensors"], default="pth")
     s.add_argument("--weights", required=True)
     s = sub.add_parser("make-classifier")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--calibrate", action="store_true", help="BatchNorm statistics from data, not random")
     s.add_argument("--format", choices=["pth", "pth-legacy", "safetensors"], default="pth")
     s.add_argument("--weights", required=True)
     s = sub.add_parser("ref-detector")

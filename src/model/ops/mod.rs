@@ -4,6 +4,7 @@
 pub mod boxes;
 pub mod nms;
 pub mod roi_align;
+mod roi_align_cpu;
 
 pub use nms::{batched_nms, nms};
-pub use roi_align::roi_align;
+pub use roi_align::{roi_align, roi_align_gather};

@@ -1,9 +1,11 @@
-//! RoIAlign (aligned=False) with the arithmetic of torchvision's CPU kernel, as gathers.
+//! RoIAlign (aligned=False) with the arithmetic of torchvision's CPU kernel.
 //!
 //! Per roi and output bin the kernel averages `sampling_ratio²` bilinear samples. Sample
 //! coordinates, the out-of-range rule (outside [-1, H] gives 0), the clamps at the edges and
 //! the order of the additions are reproduced exactly, so the result is bitwise torchvision's.
-//! Feature rows are gathered from a `[H·W, C]` view, which is also the channels-last layout.
+//! Two implementations with the same arithmetic: a loop over f32 slices for CPU tensors (fast:
+//! the bilinear weights are shared by all channels), and gathers from a `[H·W, C]` view for
+//! other devices, so CUDA feature maps never come to the host.
 
 use tch::{Kind, Tensor};
 
@@ -11,7 +13,7 @@ use tch::{Kind, Tensor};
 const ROI_CHUNK: i64 = 128;
 
 /// `rois` `[K, 4]` (x1, y1, x2, y2) in image pixels on one image's features `[C, H, W]`.
-/// Returns `[K, C, out, out]`.
+/// Returns f32 `[K, C, out, out]`.
 pub fn roi_align(
     features: &Tensor,
     rois: &Tensor,
@@ -19,8 +21,24 @@ pub fn roi_align(
     out: i64,
     sampling_ratio: i64,
 ) -> Tensor {
+    if features.device() == tch::Device::Cpu {
+        super::roi_align_cpu::roi_align(features, rois, spatial_scale as f32, out, sampling_ratio)
+    } else {
+        roi_align_gather(features, rois, spatial_scale, out, sampling_ratio)
+    }
+}
+
+/// The tensor-op implementation, for any device.
+pub fn roi_align_gather(
+    features: &Tensor,
+    rois: &Tensor,
+    spatial_scale: f64,
+    out: i64,
+    sampling_ratio: i64,
+) -> Tensor {
     let (c, h, w) = features.size3().expect("features are [C, H, W]");
-    let table = features.reshape([c, h * w]).transpose(0, 1).contiguous();
+    // `[H·W, C]` rows: a free view of channels-last features, a copy of NCHW ones.
+    let table = features.permute([1, 2, 0]).reshape([h * w, c]);
     let k = rois.size()[0];
     let chunks: Vec<Tensor> = (0..k)
         .step_by(ROI_CHUNK as usize)

@@ -1,0 +1,208 @@
+"""Side-by-side benchmark: torchvision eager fp32 against detectd, same machine, same run.
+
+Runs, on the same seeded weights and synthetic images: torchvision (Python, same thread count),
+`detectd bench` in-process for each precision, at the given batch sizes, for the detector at
+800x1216 and the classifier at 224; the bf16-vs-fp32 agreement; then `detectd serve` under
+concurrent load from wrk, with images/s, p50/p99 latency and peak RSS. Prints a markdown table.
+Not a test: numbers depend on the machine.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target/release/detectd")
+TVREF = os.path.join(ROOT, "tests/support/tvref.py")
+OUT = os.path.join(ROOT, "target/bench")
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kw).stdout
+
+
+def weights():
+    os.makedirs(OUT, exist_ok=True)
+    det, cls = os.path.join(OUT, "det_v1.pth"), os.path.join(OUT, "cls.pth")
+    if not os.path.exists(det):
+        sh(sys.executable, TVREF, "make-detector", "--arch", "v1", "--frozen-eps", "0.0", "--seed", "7", "--weights", det)
+    if not os.path.exists(cls):
+        sh(sys.executable, TVREF, "make-classifier", "--seed", "3", "--weights", cls)
+    return det, cls
+
+
+def time_calls(fn, iters):
+    fn()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def torchvision_seconds(kind, path, batch, size, iters, threads):
+    from tvref import build_detector  # noqa: E402 (tests/support on sys.path)
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, *size), generator=g, dtype=torch.uint8) for _ in range(batch)]
+    if kind == "detector":
+        model = build_detector("v1", frozen_eps=0.0).eval()
+        model.load_state_dict(torch.load(path))
+        fn = lambda: model([i.float() / 255 for i in images])  # noqa: E731
+    else:
+        from torchvision.transforms._presets import ImageClassification
+        model = torchvision.models.resnet50().eval()
+        model.load_state_dict(torch.load(path))
+        preset = ImageClassification(crop_size=224, resize_size=232)
+        fn = lambda: model(torch.stack([preset(i) for i in images]))  # noqa: E731
+    with torch.inference_mode():
+        return time_calls(fn, iters)
+
+
+def detectd_seconds(kind, path, batch, size, iters, threads, precision):
+    out = sh(BIN, "bench", "--model", kind, "--weights", path, "--batch", str(batch), "--size", f"{size[0]}x{size[1]}",
+             "--iters", str(iters), "--threads", str(threads), "--precision", precision, "--device", "cpu")
+    return json.loads(out)["seconds_per_call"]
+
+
+def write_images(n, size, seed):
+    rng = np.random.default_rng(seed)
+    paths = []
+    d = os.path.join(OUT, f"img{size[0]}x{size[1]}")
+    os.makedirs(d, exist_ok=True)
+    for i in range(n):
+        p = os.path.join(d, f"{i}.png")
+        if not os.path.exists(p):
+            yy, xx = np.mgrid[0:size[0], 0:size[1]]
+            img = np.stack([128 + 100 * np.sin(yy * rng.uniform(0.01, 0.05) + c) * np.cos(xx * rng.uniform(0.01, 0.05)) for c in range(3)], -1)
+            img += rng.normal(0, 10, img.shape)
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def iou(a, b):
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter) if inter > 0 else 0.0
+
+
+def agreement(det, cls, precision, threads):
+    imgs = write_images(4, (480, 640), 1)
+    run = lambda p, *a: [json.loads(l) for l in sh(BIN, *a, "--precision", p, "--device", "cpu", "--threads", str(threads)).splitlines()]  # noqa: E731
+    ref = run("fp32", "detect", "--weights", det, *imgs)
+    fast = run(precision, "detect", "--weights", det, *imgs)
+    total = matched = 0
+    for r, f in zip(ref, fast):
+        for d in r["detections"]:
+            if d["score"] < 0.3:
+                continue
+            total += 1
+            matched += any(e["label_id"] == d["label_id"] and iou(e["box"], d["box"]) >= 0.9 for e in f["detections"])
+    cimgs = write_images(20, (300, 400), 2)
+    top = lambda p: [r["predictions"][0]["label_id"] for r in run(p, "classify", "--weights", cls, "--top-k", "1", *cimgs)]  # noqa: E731
+    same = sum(a == b for a, b in zip(top("fp32"), top(precision)))
+    return matched, total, same, len(cimgs)
+
+
+def peak_rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        m = re.search(r"VmHWM:\s+(\d+) kB", f.read())
+    return int(m.group(1)) / 1024 if m else float("nan")
+
+
+def load_test(det, cls, precision, threads, duration, connections):
+    if not shutil.which("wrk"):
+        subprocess.run(["bash", "-c", "apt-get update -qq && apt-get install -y -qq wrk"], check=True, capture_output=True)
+    proc = subprocess.Popen([BIN, "serve", "--listen", "127.0.0.1:0", "--detector-weights", det, "--classifier-weights", cls,
+                             "--precision", precision, "--threads", str(threads), "--max-batch-size", "4",
+                             "--max-queue", "256", "--request-timeout-ms", "600000", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    base = proc.stdout.readline().strip().rsplit(" ", 1)[-1]
+    while True:
+        try:
+            import urllib.request
+            if urllib.request.urlopen(base + "/readyz").status == 200:
+                break
+        except Exception:
+            time.sleep(0.5)
+    results = {}
+    for name, path, img in [("detector", "/detect", write_images(1, (800, 1216), 3)[0]),
+                            ("classifier", "/classify", write_images(1, (224, 224), 4)[0])]:
+        lua = os.path.join(OUT, f"{name}.lua")
+        with open(lua, "w") as f:
+            f.write(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "image/png"\n'
+                    f'local fh = io.open("{img}", "rb")\nwrk.body = fh:read("*a")\nfh:close()\n')
+        out = sh("wrk", "-t", "2", "-c", str(connections), "-d", f"{duration[name]}s", "--timeout", "600s",
+                 "--latency", "-s", lua, base + path)
+        reqs = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        pct = dict(re.findall(r"\s(50|99)%\s+([\d.]+\w+)", out))
+        results[name] = (reqs, pct.get("50", "?"), pct.get("99", "?"), out)
+    rss = peak_rss_mb(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    return results, rss
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="fewer iterations and a shorter load test")
+    a = p.parse_args()
+    sys.path.insert(0, os.path.join(ROOT, "tests/support"))
+    det, cls = weights()
+    iters = 1 if a.quick else a.iters
+    precisions = a.precisions.split(",")
+    configs = [("detector", det, b, (800, 1216)) for b in (1, 4)] + [("classifier", cls, b, (224, 224)) for b in (1, 8)]
+    rows = []
+    for kind, path, batch, size in configs:
+        tv = torchvision_seconds(kind, path, batch, size, iters, a.threads)
+        ours = {pr: detectd_seconds(kind, path, batch, size, iters, a.threads, pr) for pr in precisions}
+        rows.append((kind, batch, size, tv, ours))
+        print(f"# {kind} batch {batch}: torchvision {tv:.3f}s, " + ", ".join(f"{k} {v:.3f}s" for k, v in ours.items()), file=sys.stderr)
+    best = min(precisions, key=lambda pr: rows[1][4][pr])
+    fast = [pr for pr in precisions if pr != "fp32"]
+    agree = {pr: agreement(det, cls, pr, a.threads) for pr in fast}
+    duration = {"detector": 20 if a.quick else 60, "classifier": 10 if a.quick else 20}
+    load, rss = load_test(det, cls, best, a.threads, duration, connections=8)
+
+    cpu = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read())
+    print(f"Measured {time.strftime('%Y-%m-%d')} on {cpu.group(1) if cpu else platform.processor()}, "
+          f"{os.cpu_count()} cores, {a.threads} threads, torch {torch.__version__}, torchvision {torchvision.__version__}.\n")
+    print("| workload | torchvision eager fp32 | " + " | ".join(f"detectd {pr}" for pr in precisions) + " |")
+    print("|---|---|" + "---|" * len(precisions))
+    for kind, batch, size, tv, ours in rows:
+        cells = [f"{ours[pr]:.3f} s ({tv / ours[pr]:.2f}×)" for pr in precisions]
+        print(f"| {kind} {size[0]}×{size[1]}, batch {batch} | {tv:.3f} s | " + " | ".join(cells) + " |")
+    print()
+    for pr, (m, t, s, n) in agree.items():
+        print(f"- {pr} vs fp32: {m}/{t} detections scoring ≥ 0.3 matched (same label, IoU ≥ 0.9), "
+              f"classifier top-1 equal on {s}/{n} images.")
+    in_proc = {"detector": 4 / rows[1][4][best], "classifier": 8 / rows[3][4][best]}
+    print(f"\nServer under load (wrk, 8 connections, detectd {best}, max batch 4), peak RSS {rss:.0f} MB with both models:\n")
+    print("| endpoint | images/s | vs in-process | p50 | p99 |\n|---|---|---|---|---|")
+    for name, (reqs, p50, p99, _) in load.items():
+        print(f"| /{'detect' if name == 'detector' else 'classify'} | {reqs:.2f} | {reqs / in_proc[name] * 100:.0f}% | {p50} | {p99} |")
+
+
+if __name__ == "__main__":
+    main()
