@@ -164,13 +164,13 @@ def load_test(det, cls, precision, threads, duration, connections):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--precisions", default="fp32,fp32-fast,bf16")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="fewer iterations and a shorter load test")
     a = p.parse_args()
     sys.path.insert(0, os.path.join(ROOT, "tests/support"))
     det, cls = weights()
-    iters = 1 if a.quick else a.iters
+    iters = 2 if a.quick else a.iters
     precisions = a.precisions.split(",")
     configs = [("detector", det, b, (800, 1216)) for b in (1, 4)] + [("classifier", cls, b, (224, 224)) for b in (1, 8)]
     rows = []
