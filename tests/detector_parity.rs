@@ -152,13 +152,7 @@ fn batch_results_equal_single_image_results() {
         .iter()
         .map(|p| prepare_detector(&decode_file(p)))
         .collect();
-    let requests: Vec<DetectRequest> = prepared
-        .iter()
-        .map(|image| DetectRequest {
-            image,
-            score_threshold: 0.05,
-        })
-        .collect();
+    let requests = DetectRequest::each(&prepared, 0.05);
     let batch = model.detect(&requests).expect("batch detect");
     for (i, request) in requests.iter().enumerate() {
         let single = model

@@ -76,13 +76,7 @@ fn detector_agreement(arch: &str, precision: Precision) -> (usize, usize) {
         .iter()
         .map(|p| prepare_detector(&decode_file(p)))
         .collect();
-    let requests: Vec<DetectRequest> = prepared
-        .iter()
-        .map(|image| DetectRequest {
-            image,
-            score_threshold: 0.05,
-        })
-        .collect();
+    let requests = DetectRequest::each(&prepared, 0.05);
     let exact = detector(arch, Precision::Fp32)
         .detect(&requests)
         .expect("fp32");

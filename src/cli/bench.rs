@@ -64,13 +64,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
             let model = FasterRcnn::load(&args.weights, &config)?;
             Box::new(move || {
                 let prepared: Vec<_> = images.iter().map(prepare_detector).collect();
-                let requests: Vec<DetectRequest> = prepared
-                    .iter()
-                    .map(|image| DetectRequest {
-                        image,
-                        score_threshold: 0.05,
-                    })
-                    .collect();
+                let requests = DetectRequest::each(&prepared, 0.05);
                 model.detect(&requests)?;
                 Ok(())
             })

@@ -266,13 +266,7 @@ fn detect(args: DetectArgs) -> anyhow::Result<ExitCode> {
         &args.images,
         |img| prepare_detector(&img.tensor),
         |images: &[Prepared]| {
-            let requests: Vec<DetectRequest> = images
-                .iter()
-                .map(|image| DetectRequest {
-                    image,
-                    score_threshold: args.score_threshold,
-                })
-                .collect();
+            let requests = DetectRequest::each(images, args.score_threshold);
             let results = model.detect(&requests)?;
             Ok(results
                 .iter()

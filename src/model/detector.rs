@@ -79,6 +79,19 @@ pub struct DetectRequest<'a> {
     pub score_threshold: f64,
 }
 
+impl<'a> DetectRequest<'a> {
+    /// One request per image, all with the same score threshold.
+    pub fn each(images: &'a [Prepared], score_threshold: f64) -> Vec<Self> {
+        images
+            .iter()
+            .map(|image| DetectRequest {
+                image,
+                score_threshold,
+            })
+            .collect()
+    }
+}
+
 impl FasterRcnn {
     pub fn load(path: &Path, config: &DetectorConfig) -> Result<Self, ModelError> {
         let mut sd = StateDict::load(path)?;
