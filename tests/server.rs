@@ -639,7 +639,7 @@ fn sigterm_finishes_in_flight_requests_then_exits_0() {
             "--classifier-weights",
             &classifier_weights(),
             "--max-batch-size",
-            "2",
+            "1",
             "--warmup-images",
             "0",
         ],
@@ -658,7 +658,8 @@ fn sigterm_finishes_in_flight_requests_then_exits_0() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(150));
+    // Long enough for every request to reach the server, short of the ~0.5 s the eight take.
+    std::thread::sleep(Duration::from_millis(250));
     let pid = server.child.id().to_string();
     assert!(std::process::Command::new("kill")
         .args(["-TERM", &pid])
