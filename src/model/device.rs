@@ -98,9 +98,17 @@ fn load_cuda_backend() -> Result<(), String> {
         .clone()
 }
 
+fn nvidia_driver_present() -> bool {
+    std::path::Path::new("/proc/driver/nvidia/version").exists()
+        || std::path::Path::new("/dev/nvidia0").exists()
+}
+
 pub fn resolve(choice: DeviceChoice) -> Result<Device, ModelError> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
+        // Loading the CUDA libraries costs ~250 MB and a moment; without an NVIDIA driver
+        // there is nothing for them to find.
+        DeviceChoice::Auto if !nvidia_driver_present() => Ok(Device::Cpu),
         DeviceChoice::Auto => Ok(match load_cuda_backend() {
             Ok(()) if tch::Cuda::is_available() => Device::Cuda(0),
             _ => Device::Cpu,
