@@ -19,6 +19,7 @@ use crate::api::{detections_json, predictions_json};
 use crate::batch::Timing;
 use crate::labels::Labels;
 use crate::model::detector::MAX_DETECTIONS;
+use crate::service::{Service, ServiceError};
 
 const DEFAULT_SCORE_THRESHOLD: f64 = 0.05;
 const DEFAULT_TOP_K: i64 = 5;
@@ -84,6 +85,27 @@ fn with_timing(body: Value, timing: Timing) -> Response {
     response
 }
 
+/// New work is refused while draining; then the model must be loaded and ready, which is
+/// judged before the body is read.
+fn accept<'s, M>(
+    state: &'s AppState,
+    model: impl FnOnce(&'s Service) -> Result<M, ServiceError>,
+) -> Result<M, ApiError> {
+    if state.is_draining() {
+        return Err(ApiError::Draining);
+    }
+    Ok(model(&state.service)?)
+}
+
+async fn read_body(
+    state: &AppState,
+    query: Result<Query<RawParams>, QueryRejection>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Vec<bytes::Bytes>, RawParams), ApiError> {
+    input::read(headers, body, query_params(query)?, state.max_body_bytes).await
+}
+
 pub async fn detect(
     State(state): State<Arc<AppState>>,
     query: Result<Query<RawParams>, QueryRejection>,
@@ -91,12 +113,8 @@ pub async fn detect(
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    if state.is_draining() {
-        return Err(ApiError::Draining);
-    }
-    let served = state.service.detector()?;
-    let (images, params) =
-        input::read(&headers, body, query_params(query)?, state.max_body_bytes).await?;
+    let served = accept(&state, |s| s.detector())?;
+    let (images, params) = read_body(&state, query, &headers, body).await?;
     let threshold = in_range(
         "score_threshold",
         params.score_threshold,
@@ -134,12 +152,8 @@ pub async fn classify(
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    if state.is_draining() {
-        return Err(ApiError::Draining);
-    }
-    let served = state.service.classifier()?;
-    let (images, params) =
-        input::read(&headers, body, query_params(query)?, state.max_body_bytes).await?;
+    let served = accept(&state, |s| s.classifier())?;
+    let (images, params) = read_body(&state, query, &headers, body).await?;
     let top_k = in_range("top_k", params.top_k, DEFAULT_TOP_K, 1, MAX_TOP_K)?
         .min(served.info.num_classes) as usize;
     let answer = state.service.classify(images, top_k, started).await?;

@@ -158,15 +158,37 @@ pub fn start_detector(
         num_classes: model.num_classes,
     };
     let warm = spec.warmup_images;
-    let (batcher, started, handle) = Batcher::spawn("detector", batch, metrics, move || {
-        let mut engine = DetectorEngine(model);
-        let img = warmup_image();
+    Ok(spawn_warm(
+        DetectorEngine(model),
+        warm,
+        |img| DetectInput::new(img, 0.05),
+        info,
+        labels,
+        batch,
+        metrics,
+    ))
+}
+
+/// Hands a loaded model to its worker thread, which runs `warm` neutral images through it
+/// (so the first request is not the slow one) before reporting ready.
+fn spawn_warm<E: Engine + Send>(
+    mut engine: E,
+    warm: usize,
+    input: impl Fn(&RgbImage) -> E::Input + Send + 'static,
+    info: ModelInfo,
+    labels: Labels,
+    batch: BatchConfig,
+    metrics: Arc<Metrics>,
+) -> Started<E::Input, E::Output> {
+    let name = info.name.clone();
+    let (batcher, started, handle) = Batcher::spawn(&name, batch, metrics, move || {
         if warm > 0 {
-            engine.run((0..warm).map(|_| DetectInput::new(&img, 0.05)).collect())?;
+            let img = warmup_image();
+            engine.run((0..warm).map(|_| input(&img)).collect())?;
         }
         Ok(engine)
     });
-    Ok((
+    (
         Served {
             batcher,
             info,
@@ -174,7 +196,7 @@ pub fn start_detector(
         },
         started,
         handle,
-    ))
+    )
 }
 
 pub fn start_classifier(
@@ -193,25 +215,14 @@ pub fn start_classifier(
         num_classes: model.num_classes,
     };
     let (warm, preset) = (spec.warmup_images, spec.preset);
-    let (batcher, started, handle) = Batcher::spawn("classifier", batch, metrics, move || {
-        let mut engine = ClassifierEngine(model);
-        let img = warmup_image();
-        if warm > 0 {
-            engine.run(
-                (0..warm)
-                    .map(|_| ClassifyInput::new(&img, preset, 1))
-                    .collect(),
-            )?;
-        }
-        Ok(engine)
-    });
-    Ok((
-        Served {
-            batcher,
-            info,
-            labels,
-        },
-        started,
-        handle,
+    let input = move |img: &RgbImage| ClassifyInput::new(img, preset, 1);
+    Ok(spawn_warm(
+        ClassifierEngine(model),
+        warm,
+        input,
+        info,
+        labels,
+        batch,
+        metrics,
     ))
 }
