@@ -53,6 +53,11 @@ pub fn probe(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
 
 /// Decodes to RGB8, refusing images over `max_pixels` from their header.
 pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
+    Ok(to_tensor(&decode_pixels(bytes, max_pixels)?))
+}
+
+/// Decodes to an RGB8 pixel buffer (EXIF orientation applied), for drawing on.
+pub fn decode_pixels(bytes: &[u8], max_pixels: u64) -> Result<image::RgbImage, ImageError> {
     let (width, height) = probe(bytes)?;
     let pixels = width as u64 * height as u64;
     if pixels > max_pixels {
@@ -78,17 +83,21 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
     let mut img =
         DynamicImage::from_decoder(decoder).map_err(|e| ImageError::Decode(e.to_string()))?;
     img.apply_orientation(orientation);
-    let rgb = img.to_rgb8();
+    Ok(img.to_rgb8())
+}
+
+/// The `[3, H, W]` uint8 tensor of a pixel buffer.
+pub fn to_tensor(rgb: &image::RgbImage) -> RgbImage {
     let (w, h) = rgb.dimensions();
     let tensor = Tensor::from_slice(rgb.as_raw())
         .view([h as i64, w as i64, 3])
         .permute([2, 0, 1])
         .contiguous();
-    Ok(RgbImage {
+    RgbImage {
         width: w,
         height: h,
         tensor,
-    })
+    }
 }
 
 /// The JPEG decoder pads a truncated scan with grey instead of failing; a complete file has an

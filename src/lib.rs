@@ -12,5 +12,6 @@ pub mod imaging;
 pub mod labels;
 pub mod metrics;
 pub mod model;
+pub mod render;
 pub mod service;
 pub mod weights;

@@ -8,17 +8,18 @@ use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::input::{self, RawParams};
 use super::{AppState, SERVER_TIMING};
-use crate::api::{detections_json, predictions_json};
+use crate::api::{detections_json, predictions_json, DetectionJson};
 use crate::batch::Timing;
 use crate::labels::Labels;
 use crate::model::detector::MAX_DETECTIONS;
+use crate::render;
 use crate::service::{Service, ServiceError};
 
 const DEFAULT_SCORE_THRESHOLD: f64 = 0.05;
@@ -73,7 +74,10 @@ fn label_filter(params: &RawParams, labels: &Labels) -> Result<Option<HashSet<i6
 }
 
 fn with_timing(body: Value, timing: Timing) -> Response {
-    let mut response = Json(body).into_response();
+    timed(Json(body).into_response(), timing)
+}
+
+fn timed(mut response: Response, timing: Timing) -> Response {
     let value = format!(
         "queue;dur={:.1}, inference;dur={:.1}",
         timing.queue.as_secs_f64() * 1000.0,
@@ -83,6 +87,39 @@ fn with_timing(body: Value, timing: Timing) -> Response {
         response.headers_mut().insert(SERVER_TIMING, v);
     }
     response
+}
+
+/// `render=png|jpeg` asks for the one image drawn instead of JSON.
+fn render_format(params: &RawParams, images: usize) -> Result<Option<render::Format>, ApiError> {
+    let Some(value) = &params.render else {
+        return Ok(None);
+    };
+    let format = render::Format::parse(value).ok_or_else(|| {
+        ApiError::InvalidParameter(format!("render must be png or jpeg, got {value:?}"))
+    })?;
+    if images != 1 {
+        return Err(ApiError::InvalidParameter(format!(
+            "render draws exactly one image; this request holds {images}"
+        )));
+    }
+    Ok(Some(format))
+}
+
+/// Decodes the image again and draws on it, on the blocking pool: decoding costs milliseconds
+/// against the seconds of inference, and keeps the pixels out of the queue.
+async fn rendered(
+    image: bytes::Bytes,
+    max_pixels: u64,
+    detections: Vec<DetectionJson>,
+    format: render::Format,
+) -> Result<Response, ApiError> {
+    let encoded = tokio::task::spawn_blocking(move || {
+        render::annotate(&image, max_pixels, &detections, format)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("render task failed: {e}")))?
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, format.content_type())], encoded).into_response())
 }
 
 /// New work is refused while draining; then the model must be loaded and ready, which is
@@ -130,14 +167,32 @@ pub async fn detect(
         MAX_DETECTIONS,
     )? as usize;
     let keep = label_filter(&params, &served.labels)?;
+    let render = render_format(&params, images.len())?;
+    // Bytes clones share the buffer; kept only when the image is to be drawn.
+    let source = render.and_then(|f| Some((f, images.first()?.clone())));
     let answer = state.service.detect(images, threshold, started).await?;
-    let results: Vec<Value> = answer
+    let mut results: Vec<(u32, u32, Vec<DetectionJson>)> = answer
         .results
         .iter()
         .map(|r| {
-            let kept: Vec<_> = r.output.iter().filter(|d| keep.as_ref().is_none_or(|k| k.contains(&d.label))).take(max_detections).cloned().collect();
-            json!({"width": r.width, "height": r.height, "detections": detections_json(&kept, &served.labels)})
+            let kept: Vec<_> = r
+                .output
+                .iter()
+                .filter(|d| keep.as_ref().is_none_or(|k| k.contains(&d.label)))
+                .take(max_detections)
+                .cloned()
+                .collect();
+            (r.width, r.height, detections_json(&kept, &served.labels))
         })
+        .collect();
+    if let (Some((format, image)), Some((_, _, detections))) = (source, results.pop()) {
+        let max_pixels = state.service.max_pixels;
+        let response = rendered(image, max_pixels, detections, format).await?;
+        return Ok(timed(response, answer.timing));
+    }
+    let results: Vec<Value> = results
+        .into_iter()
+        .map(|(w, h, d)| json!({"width": w, "height": h, "detections": d}))
         .collect();
     Ok(with_timing(
         json!({"model": served.info, "results": results}),
@@ -198,6 +253,11 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
         })
         .collect();
     Json(json!({"models": models}))
+}
+
+/// The demo page: static HTML that calls /detect and /classify like any other client.
+pub async fn page() -> Html<&'static str> {
+    Html(include_str!("page/index.html"))
 }
 
 pub async fn healthz() -> Json<Value> {

@@ -16,6 +16,8 @@ pub struct RawParams {
     pub max_detections: Option<i64>,
     pub labels: Option<LabelList>,
     pub top_k: Option<i64>,
+    /// `png` or `jpeg`: answer /detect with the image drawn instead of JSON.
+    pub render: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -47,6 +49,7 @@ impl RawParams {
             max_detections: self.max_detections.or(other.max_detections),
             labels: self.labels.or(other.labels),
             top_k: self.top_k.or(other.top_k),
+            render: self.render.or(other.render),
         }
     }
 }

@@ -72,7 +72,8 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
 /// Endpoint label values are fixed, so the metric series stay bounded.
-const ENDPOINTS: [&str; 6] = [
+const ENDPOINTS: [&str; 7] = [
+    "/",
     "/detect",
     "/classify",
     "/v1/models",
@@ -92,6 +93,7 @@ pub fn router(state: Arc<AppState>, cors_origins: &[String]) -> Router {
         ));
     let mut app = Router::new()
         .merge(guarded)
+        .route("/", get(handlers::page))
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .route("/metrics", get(handlers::metrics))
@@ -117,7 +119,7 @@ fn cors(origins: &[String]) -> CorsLayer {
         .expose_headers([REQUEST_ID, SERVER_TIMING])
 }
 
-/// Bearer key check for the model endpoints; health and metrics stay open.
+/// Bearer key check for the model endpoints; the page, health and metrics stay open.
 async fn require_api_key(
     State(state): State<Arc<AppState>>,
     request: Request,
