@@ -1,17 +1,18 @@
 //! Command line: `detectd detect`, `detectd classify`, `detectd serve`, `detectd weights`.
 
 mod bench;
+mod inputs;
+mod output;
 mod serve;
 
 use crate::model::{resolve_precision, Compute};
-use std::io::Write;
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use serde_json::json;
 
-use crate::api::{detections_json, predictions_json};
+use crate::api::{detections_json, predictions_json, DetectionJson};
 use crate::imaging;
 use crate::labels::Labels;
 use crate::model::detector::DetectorConfig;
@@ -19,10 +20,9 @@ use crate::model::transform::{prepare_classifier, prepare_detector, Prepared};
 use crate::model::{
     device, ArchChoice, Classifier, DetectRequest, DeviceChoice, FasterRcnn, Precision, Preset,
 };
+use crate::render;
 use crate::weights::hub;
-
-/// Images are run this many at a time, which bounds memory for long lists.
-const CHUNK: usize = 4;
+use output::{ImageInfo, Sink};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,9 +37,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Detect objects; prints one JSON line per image.
+    /// Detect objects; one JSON line per image, or COCO results.
     Detect(DetectArgs),
-    /// Classify images; prints one JSON line per image.
+    /// Classify images; one JSON line per image.
     Classify(ClassifyArgs),
     /// Time the detector or classifier in-process on synthetic images (JSON out).
     Bench(bench::BenchArgs),
@@ -52,20 +52,29 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum WeightsCommand {
-    /// The published checkpoints, their URLs and whether they are in the cache.
+    /// The published checkpoints, their URLs and whether (and where) they are cached.
     List(CacheArgs),
-    /// Download (or verify) published checkpoints into the cache; all when none is named.
-    Fetch {
-        #[command(flatten)]
-        cache: CacheArgs,
-        /// Names from `weights list` (e.g. fasterrcnn-v1, resnet50-v2).
-        ids: Vec<String>,
-    },
+    /// Download and verify published checkpoints (all four when none is named) or a URL.
+    Fetch(FetchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FetchArgs {
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// SHA-256 a URL's file must have: all 64 hex digits or a prefix of at least 8.
+    #[arg(long)]
+    pub sha256: Option<String>,
+    /// Where to put the file (default: the cache folder, under the URL's file name).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Published names (v1, v2, resnet50-v1, resnet50-v2; see `weights list`) or http(s) URLs.
+    pub targets: Vec<String>,
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct CacheArgs {
-    /// Where published weights are kept.
+    /// Where published weights are kept (default: $DETECTD_CACHE, else ~/.cache/detectd).
     #[arg(long, env = "DETECTD_CACHE_DIR", default_value_os_t = hub::default_cache_dir())]
     pub cache_dir: PathBuf,
 }
@@ -94,6 +103,24 @@ impl Runtime {
     }
 }
 
+/// What to run on, in what batches, and where results go.
+#[derive(Args, Debug)]
+pub struct Batch {
+    /// Result format.
+    #[arg(long, value_enum, default_value = "jsonl")]
+    pub format: output::Format,
+    /// Write results to FILE instead of stdout (COCO also writes FILE.images.json).
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Images per forward pass; bounds memory on long lists.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    pub batch_size: u16,
+    /// Image files, folders (searched recursively for image extensions) or quoted glob
+    /// patterns ('photos/*.jpg').
+    #[arg(required = true, value_name = "IMAGE|DIR|GLOB")]
+    pub images: Vec<String>,
+}
+
 #[derive(Args, Debug)]
 pub struct DetectArgs {
     /// Faster R-CNN checkpoint (.pth or .safetensors), or a published name (fasterrcnn-v1).
@@ -111,13 +138,15 @@ pub struct DetectArgs {
     /// eps of v1's FrozenBatchNorm (default 0.0, as torchvision's COCO weights run).
     #[arg(long)]
     pub frozen_bn_eps: Option<f64>,
+    /// Also write each image with its boxes drawn under DIR, at its path as given.
+    #[arg(long, value_name = "DIR")]
+    pub render_dir: Option<PathBuf>,
     #[command(flatten)]
     pub runtime: Runtime,
     #[command(flatten)]
     pub cache: CacheArgs,
-    /// Image files.
-    #[arg(required = true)]
-    pub images: Vec<PathBuf>,
+    #[command(flatten)]
+    pub batch: Batch,
 }
 
 #[derive(Args, Debug)]
@@ -138,9 +167,8 @@ pub struct ClassifyArgs {
     pub runtime: Runtime,
     #[command(flatten)]
     pub cache: CacheArgs,
-    /// Image files.
-    #[arg(required = true)]
-    pub images: Vec<PathBuf>,
+    #[command(flatten)]
+    pub batch: Batch,
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -170,89 +198,210 @@ pub fn resolve_weights(arg: &str, cache: &CacheArgs) -> anyhow::Result<PathBuf> 
 fn weights(cmd: WeightsCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         WeightsCommand::List(cache) => {
-            for p in hub::PUBLISHED {
-                let here = cache.cache_dir.join(p.file).exists();
-                println!(
-                    "{:<14} {:<8} {}  {}",
-                    p.id,
-                    if here { "cached" } else { "-" },
-                    p.url(),
-                    p.what
-                );
-            }
+            list_weights(&cache.cache_dir);
             Ok(ExitCode::SUCCESS)
         }
-        WeightsCommand::Fetch { cache, ids } => {
-            let wanted = if ids.is_empty() {
-                hub::PUBLISHED.to_vec()
-            } else {
-                ids.iter()
-                    .map(|id| {
-                        hub::find(id).ok_or_else(|| {
-                            anyhow::anyhow!("unknown weights {id}; see `detectd weights list`")
-                        })
-                    })
-                    .collect::<anyhow::Result<_>>()?
-            };
-            for path in hub::ensure_all(&wanted, &cache.cache_dir).map_err(anyhow::Error::msg)? {
-                println!("{}", path.display());
-            }
-            Ok(ExitCode::SUCCESS)
+        WeightsCommand::Fetch(args) => fetch_weights(args),
+    }
+}
+
+fn list_weights(dir: &Path) {
+    println!("{:<24} {:<16} {:<60} url", "name", "cached", "path");
+    for p in hub::PUBLISHED {
+        let path = dir.join(p.file);
+        let names = std::iter::once(p.id)
+            .chain(p.aliases.iter().copied())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let cached = match std::fs::metadata(&path) {
+            Ok(m) => format!("{:.1} MB", m.len() as f64 / 1e6),
+            Err(_) => "-".into(),
+        };
+        println!(
+            "{names:<24} {cached:<16} {:<60} {}",
+            path.display(),
+            p.url()
+        );
+    }
+}
+
+fn fetch_weights(args: FetchArgs) -> anyhow::Result<ExitCode> {
+    if args.targets.len() > 1 && (args.sha256.is_some() || args.output.is_some()) {
+        anyhow::bail!("--sha256 and --output apply to one file: fetch one name or URL at a time");
+    }
+    let dir = &args.cache.cache_dir;
+    if args.targets.is_empty() {
+        for path in hub::ensure_all(&hub::PUBLISHED, dir).map_err(anyhow::Error::msg)? {
+            println!("{}", path.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    for target in &args.targets {
+        let path = fetch_one(target, &args)?;
+        println!("{}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One name or URL: a published name is checked by its known hash; a URL by --sha256 or the
+/// hash in its file name. A URL with neither is fetched with a warning that gives its SHA-256
+/// to pin: the loader reads tensors without running pickled code, so an unverified file can
+/// give wrong answers but cannot run anything.
+fn fetch_one(target: &str, args: &FetchArgs) -> anyhow::Result<PathBuf> {
+    let src = match hub::find(target) {
+        Some(_) if args.sha256.is_some() => {
+            anyhow::bail!("{target}: published names carry their hash; --sha256 is for URLs")
+        }
+        Some(p) if args.output.is_none() => return Ok(hub::ensure(&p, &args.cache.cache_dir)?),
+        Some(p) => p.source(),
+        None if target.starts_with("http://") || target.starts_with("https://") => {
+            hub::Source::from_url(target, args.sha256.as_deref())?
+        }
+        None => anyhow::bail!(
+            "{target}: neither a published name (see `detectd weights list`) nor an http(s) URL"
+        ),
+    };
+    let dest = args
+        .output
+        .clone()
+        .unwrap_or_else(|| args.cache.cache_dir.join(&src.file));
+    if src.sha256.is_some() && dest.exists() && hub::verify(&src, &dest).is_ok() {
+        return Ok(dest);
+    }
+    let sha256 = hub::fetch(&src, &dest)?;
+    if src.sha256.is_none() {
+        eprintln!(
+            "detectd: warning: {} is unverified (no --sha256); its SHA-256 is {sha256}, pass \
+             --sha256 {sha256} to pin it",
+            dest.display()
+        );
+    }
+    Ok(dest)
+}
+
+/// A decoded image (pixels and tensor) or the reason it could not be read.
+fn read_image(path: &Path) -> Result<(image::RgbImage, imaging::RgbImage), String> {
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let pixels = imaging::decode_pixels(&bytes, u64::MAX).map_err(|e| e.to_string())?;
+    let tensor = imaging::to_tensor(&pixels);
+    Ok((pixels, tensor))
+}
+
+/// An image that was read, with its pixels when they are to be drawn on.
+struct Loaded {
+    path: PathBuf,
+    width: u32,
+    height: u32,
+    pixels: Option<image::RgbImage>,
+}
+
+impl Loaded {
+    fn info(&self) -> ImageInfo<'_> {
+        ImageInfo {
+            path: &self.path,
+            width: self.width,
+            height: self.height,
         }
     }
 }
 
-/// A decoded image or the reason it could not be read.
-fn read_image(path: &PathBuf) -> Result<imaging::RgbImage, String> {
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    imaging::decode(&bytes, u64::MAX).map_err(|e| e.to_string())
+/// Counts images on stderr when it is a terminal; hidden for pipes and logs.
+fn progress(len: usize) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{pos}/{len} {wide_bar} {eta}") {
+        bar.set_style(style);
+    }
+    bar
 }
 
-/// Runs `each` over chunks of readable images, prints results in order, reports unreadable
-/// files on stderr, and fails the exit code if any file failed.
-fn for_each_image<T>(
-    paths: &[PathBuf],
+/// Runs `run` over batches of readable images and hands each result to `emit` in order.
+/// Unreadable files and unmatched patterns are named on stderr and the others still run;
+/// returns whether any failed.
+fn for_each_image<T, R>(
+    batch: &Batch,
+    keep_pixels: bool,
     prepare: impl Fn(&imaging::RgbImage) -> T,
-    mut run: impl FnMut(&[T]) -> anyhow::Result<Vec<serde_json::Value>>,
-) -> anyhow::Result<ExitCode> {
-    let mut failed = false;
-    let stdout = std::io::stdout();
-    for chunk in paths.chunks(CHUNK) {
-        let mut ok = Vec::new();
+    mut run: impl FnMut(&[T]) -> anyhow::Result<Vec<R>>,
+    mut emit: impl FnMut(&Loaded, R) -> anyhow::Result<()>,
+) -> anyhow::Result<bool> {
+    let (paths, unmatched) = inputs::expand(&batch.images);
+    let mut failed = !unmatched.is_empty();
+    for u in unmatched {
+        eprintln!("detectd: {}: {}", u.arg, u.reason);
+    }
+    let bar = progress(paths.len());
+    for chunk in paths.chunks(usize::from(batch.batch_size)) {
+        let mut loaded = Vec::new();
         let mut prepared = Vec::new();
         for path in chunk {
             match read_image(path) {
-                Ok(img) => {
+                Ok((pixels, img)) => {
                     prepared.push(prepare(&img));
-                    ok.push((path, img.width, img.height));
+                    loaded.push(Loaded {
+                        path: path.clone(),
+                        width: img.width,
+                        height: img.height,
+                        pixels: keep_pixels.then_some(pixels),
+                    });
                 }
                 Err(e) => {
-                    eprintln!("detectd: {}: {e}", path.display());
+                    bar.suspend(|| eprintln!("detectd: {}: {e}", path.display()));
                     failed = true;
                 }
             }
         }
-        if prepared.is_empty() {
-            continue;
-        }
-        let mut out = stdout.lock();
-        for ((path, w, h), result) in ok.into_iter().zip(run(&prepared)?) {
-            let mut line = json!({"image": path.display().to_string(), "width": w, "height": h});
-            if let (Some(line), serde_json::Value::Object(fields)) = (line.as_object_mut(), result)
-            {
-                line.extend(fields);
+        if !prepared.is_empty() {
+            for (image, result) in loaded.iter().zip(run(&prepared)?) {
+                emit(image, result)?;
             }
-            writeln!(out, "{line}")?;
         }
+        bar.inc(chunk.len() as u64);
     }
-    Ok(if failed {
+    bar.finish_and_clear();
+    Ok(failed)
+}
+
+fn exit_code(failed: bool) -> ExitCode {
+    if failed {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
-    })
+    }
+}
+
+/// Writes `image` with `dets` drawn under `dir`: JPEG stays JPEG, anything else becomes PNG
+/// (`x.webp` → `x.webp.png`, so two inputs never share an output name).
+fn render_copy(dir: &Path, image: &Loaded, dets: &[DetectionJson]) -> anyhow::Result<()> {
+    let Some(pixels) = &image.pixels else {
+        return Ok(());
+    };
+    let mut dest = dir.join(inputs::relative_name(&image.path));
+    let ext = dest
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    let format = match ext.as_deref() {
+        Some("jpg" | "jpeg") => render::Format::Jpeg,
+        Some("png") => render::Format::Png,
+        _ => {
+            dest.as_mut_os_string().push(".png");
+            render::Format::Png
+        }
+    };
+    let mut canvas = pixels.clone();
+    render::draw(&mut canvas, dets);
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&dest, render::encode(&canvas, format)?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dest.display()))
 }
 
 fn detect(args: DetectArgs) -> anyhow::Result<ExitCode> {
+    let mut sink = Sink::open(args.batch.format, args.batch.output.as_deref())?;
     let (device, compute) = args.runtime.resolve()?;
     let config = DetectorConfig {
         arch: args.arch,
@@ -262,21 +411,28 @@ fn detect(args: DetectArgs) -> anyhow::Result<ExitCode> {
     };
     let model = FasterRcnn::load(&resolve_weights(&args.weights, &args.cache)?, &config)?;
     let labels = Labels::for_model(args.labels.as_deref(), model.num_classes, Labels::coco)?;
-    for_each_image(
-        &args.images,
+    let failed = for_each_image(
+        &args.batch,
+        args.render_dir.is_some(),
         |img| prepare_detector(&img.tensor),
-        |images: &[Prepared]| {
-            let requests = DetectRequest::each(images, args.score_threshold);
-            let results = model.detect(&requests)?;
-            Ok(results
-                .iter()
-                .map(|d| json!({"detections": detections_json(d, &labels)}))
-                .collect())
+        |images: &[Prepared]| Ok(model.detect(&DetectRequest::each(images, args.score_threshold))?),
+        |image, dets| {
+            let dets = detections_json(&dets, &labels);
+            if let Some(dir) = &args.render_dir {
+                render_copy(dir, image, &dets)?;
+            }
+            sink.detections(&image.info(), &dets)
         },
-    )
+    )?;
+    sink.finish(&labels)?;
+    Ok(exit_code(failed))
 }
 
 fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
+    if args.batch.format == output::Format::Coco {
+        anyhow::bail!("--format coco holds detections; classify writes jsonl only");
+    }
+    let mut sink = Sink::open(args.batch.format, args.batch.output.as_deref())?;
     let (device, compute) = args.runtime.resolve()?;
     let model = Classifier::load(
         &resolve_weights(&args.weights, &args.cache)?,
@@ -285,16 +441,16 @@ fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
     )?;
     let labels = Labels::for_model(args.labels.as_deref(), model.num_classes, Labels::imagenet)?;
     let resize = args.preset.resize();
-    for_each_image(
-        &args.images,
+    let failed = for_each_image(
+        &args.batch,
+        false,
         |img| prepare_classifier(&img.tensor, resize, crate::model::classifier::CROP),
         |images| {
             let refs: Vec<&tch::Tensor> = images.iter().collect();
-            let results = model.classify(&refs, args.top_k)?;
-            Ok(results
-                .iter()
-                .map(|p| json!({"predictions": predictions_json(p, &labels)}))
-                .collect())
+            Ok(model.classify(&refs, args.top_k)?)
         },
-    )
+        |image, preds| sink.predictions(&image.info(), &predictions_json(&preds, &labels)),
+    )?;
+    sink.finish(&labels)?;
+    Ok(exit_code(failed))
 }

@@ -1,8 +1,11 @@
-//! The published torchvision checkpoints: fetched on first use into a cache and verified the
-//! way `torch.hub` does, by the SHA-256 prefix in the file name. Where the network is closed
-//! the error names each file, its URL and where to put it.
+//! Checkpoint downloads: torchvision's published files by name, or any URL. A download goes to a
+//! temporary file beside its destination, is hashed as it arrives, and is renamed into place
+//! only when complete and verified (full SHA-256, or torch.hub's 8-hex prefix from the file
+//! name), so a failed, cut or mismatched download leaves nothing behind. Where the network is
+//! closed the error names the file, its URL, where to put it and the `detectd weights fetch`
+//! command.
 
-use std::io::Read;
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -12,6 +15,8 @@ use sha2::{Digest, Sha256};
 pub struct Published {
     /// Short name used on the command line.
     pub id: &'static str,
+    /// Other names accepted for it (the issue's short forms).
+    pub aliases: &'static [&'static str],
     pub file: &'static str,
     pub what: &'static str,
 }
@@ -21,21 +26,25 @@ const BASE_URL: &str = "https://download.pytorch.org/models/";
 pub const PUBLISHED: [Published; 4] = [
     Published {
         id: "fasterrcnn-v1",
+        aliases: &["v1"],
         file: "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth",
         what: "Faster R-CNN ResNet-50-FPN v1, COCO (box AP 37.0)",
     },
     Published {
         id: "fasterrcnn-v2",
+        aliases: &["v2"],
         file: "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth",
         what: "Faster R-CNN ResNet-50-FPN v2, COCO (box AP 46.7)",
     },
     Published {
         id: "resnet50-v1",
+        aliases: &[],
         file: "resnet50-0676ba61.pth",
         what: "ResNet-50 IMAGENET1K_V1 (acc@1 76.1), preset v1",
     },
     Published {
         id: "resnet50-v2",
+        aliases: &[],
         file: "resnet50-11ad3fa6.pth",
         what: "ResNet-50 IMAGENET1K_V2 (acc@1 80.9), preset v2",
     },
@@ -46,44 +55,100 @@ impl Published {
         format!("{BASE_URL}{}", self.file)
     }
 
-    /// The hex digits after the last '-' of the file name: the start of its SHA-256.
-    fn hash_prefix(&self) -> &'static str {
-        let stem = self.file.trim_end_matches(".pth");
-        stem.rsplit('-').next().unwrap_or(stem)
+    /// The download and its check: the hash prefix torch.hub reads from the file name.
+    pub fn source(&self) -> Source {
+        Source {
+            url: self.url(),
+            file: self.file.into(),
+            sha256: hash_in_file_name(self.file),
+        }
     }
 }
 
-pub fn find(id: &str) -> Option<Published> {
+/// A published checkpoint by its name, an alias or its file name.
+pub fn find(name: &str) -> Option<Published> {
     PUBLISHED
         .iter()
         .copied()
-        .find(|p| p.id == id || p.file == id)
+        .find(|p| p.id == name || p.file == name || p.aliases.contains(&name))
+}
+
+/// What to download and the SHA-256 (full or a prefix, lowercase hex) it must have.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub url: String,
+    pub file: String,
+    pub sha256: Option<String>,
+}
+
+impl Source {
+    /// Any URL; the file name is its last path segment. Without `sha256`, torch.hub's
+    /// `name-<hex8>.ext` convention still gives a prefix to check.
+    pub fn from_url(url: &str, sha256: Option<&str>) -> Result<Source, FetchError> {
+        let path = url.split(['?', '#']).next().unwrap_or(url);
+        let file = path
+            .rsplit('/')
+            .next()
+            .filter(|f| !f.is_empty() && !path.ends_with("://"))
+            .ok_or_else(|| FetchError::Invalid(format!("{url}: no file name in the URL")))?;
+        let sha256 = match sha256 {
+            Some(h) => Some(parse_sha256(h)?),
+            None => hash_in_file_name(file),
+        };
+        Ok(Source {
+            url: url.into(),
+            file: file.into(),
+            sha256,
+        })
+    }
+}
+
+/// `--sha256`: the full hash (64 hex digits) or a prefix of at least 8.
+pub fn parse_sha256(hex: &str) -> Result<String, FetchError> {
+    let hex = hex.trim().to_ascii_lowercase();
+    if (8..=64).contains(&hex.len()) && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(hex)
+    } else {
+        Err(FetchError::Invalid(format!(
+            "--sha256 {hex:?}: give 8 to 64 hex digits (the full SHA-256 or its start)"
+        )))
+    }
+}
+
+/// The hex digits after the last '-' of a torch.hub file name (`resnet50-11ad3fa6.pth`).
+fn hash_in_file_name(file: &str) -> Option<String> {
+    let stem = file.split('.').next().unwrap_or(file);
+    let (_, hex) = stem.rsplit_once('-')?;
+    (hex.len() >= 8 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| hex.to_ascii_lowercase())
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error(
-        "{file}: cannot fetch {url} ({reason}); download it where you can and put it at {dest}"
-    )]
+    #[error("{file}: cannot fetch {url} ({reason}); {hint}")]
     Unavailable {
         file: String,
         url: String,
-        dest: PathBuf,
         reason: String,
+        hint: String,
     },
-    #[error("{file}: SHA-256 {actual} does not start with {expected}; the file at {dest} is not the published one")]
+    #[error("{file}: SHA-256 {actual} does not match {expected}; {what}")]
     Hash {
         file: String,
-        dest: PathBuf,
         expected: String,
         actual: String,
+        what: String,
     },
+    #[error("{0}")]
+    Invalid(String),
 }
 
-/// `$DETECTD_CACHE_DIR`, else `$XDG_CACHE_HOME/detectd`, else `~/.cache/detectd`.
+/// `$DETECTD_CACHE`, else `$DETECTD_CACHE_DIR`, else `$XDG_CACHE_HOME/detectd`, else
+/// `~/.cache/detectd`.
 pub fn default_cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("DETECTD_CACHE_DIR") {
-        return PathBuf::from(d);
+    for var in ["DETECTD_CACHE", "DETECTD_CACHE_DIR"] {
+        if let Some(d) = std::env::var_os(var).filter(|d| !d.is_empty()) {
+            return PathBuf::from(d);
+        }
     }
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
@@ -92,62 +157,107 @@ pub fn default_cache_dir() -> PathBuf {
     base.join("detectd")
 }
 
-fn sha256_hex(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn verify(p: &Published, path: &Path) -> Result<(), FetchError> {
-    let actual = sha256_hex(path).map_err(|e| unavailable(p, path, e.to_string()))?;
-    if actual.starts_with(p.hash_prefix()) {
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Checks an existing file against the source's hash (a file with no known hash passes).
+pub fn verify(src: &Source, path: &Path) -> Result<(), FetchError> {
+    let Some(expected) = &src.sha256 else {
+        return Ok(());
+    };
+    let actual =
+        sha256_file(path).map_err(|e| FetchError::Invalid(format!("{}: {e}", path.display())))?;
+    if actual.starts_with(expected.as_str()) {
         Ok(())
     } else {
         Err(FetchError::Hash {
-            file: p.file.into(),
-            dest: path.into(),
-            expected: p.hash_prefix().into(),
+            file: src.file.clone(),
+            expected: expected.clone(),
             actual,
+            what: format!("the file at {} is not the published one", path.display()),
         })
     }
 }
 
-fn unavailable(p: &Published, dest: &Path, reason: String) -> FetchError {
-    FetchError::Unavailable {
-        file: p.file.into(),
-        url: p.url(),
-        dest: dest.into(),
+/// Downloads `src` to `dest`, verified; returns the SHA-256 of what was written.
+pub fn fetch(src: &Source, dest: &Path) -> Result<String, FetchError> {
+    let unavailable = |reason: String| FetchError::Unavailable {
+        file: src.file.clone(),
+        url: src.url.clone(),
         reason,
+        hint: format!("download it where you can and put it at {}", dest.display()),
+    };
+    let dir = dest
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| unavailable(format!("{}: {e}", dir.display())))?;
+    // Removed when dropped, so every early return below leaves nothing in `dir`.
+    let mut partial = tempfile::Builder::new()
+        .prefix(&format!(".{}.", src.file))
+        .suffix(".partial")
+        .tempfile_in(dir)
+        .map_err(|e| unavailable(format!("{}: {e}", dir.display())))?;
+    let actual = download(&src.url, partial.as_file_mut()).map_err(unavailable)?;
+    if let Some(expected) = &src.sha256 {
+        if !actual.starts_with(expected.as_str()) {
+            return Err(FetchError::Hash {
+                file: src.file.clone(),
+                expected: expected.clone(),
+                actual,
+                what: format!("the download from {} was discarded", src.url),
+            });
+        }
     }
+    partial
+        .persist(dest)
+        .map_err(|e| unavailable(format!("{}: {}", dest.display(), e.error)))?;
+    Ok(actual)
 }
 
 /// The verified local path of `p`, downloading it into `dir` if it is not there yet.
 pub fn ensure(p: &Published, dir: &Path) -> Result<PathBuf, FetchError> {
     let dest = dir.join(p.file);
+    let src = p.source();
     if dest.exists() {
-        verify(p, &dest)?;
+        verify(&src, &dest)?;
         return Ok(dest);
     }
-    std::fs::create_dir_all(dir).map_err(|e| unavailable(p, &dest, e.to_string()))?;
-    let partial = dest.with_extension("pth.partial");
-    download(&p.url(), &partial).map_err(|reason| unavailable(p, &dest, reason))?;
-    verify(p, &partial).inspect_err(|_| {
-        let _ = std::fs::remove_file(&partial);
+    fetch(&src, &dest).map_err(|e| match e {
+        FetchError::Unavailable {
+            file, url, reason, ..
+        } => FetchError::Unavailable {
+            hint: fetch_hint(p, dir, &dest),
+            file,
+            url,
+            reason,
+        },
+        other => other,
     })?;
-    std::fs::rename(&partial, &dest).map_err(|e| unavailable(p, &dest, e.to_string()))?;
     Ok(dest)
+}
+
+/// The command that fetches `p` into `dir`, and where to put the file by hand.
+fn fetch_hint(p: &Published, dir: &Path, dest: &Path) -> String {
+    let cache = if dir == default_cache_dir() {
+        String::new()
+    } else {
+        format!(" --cache-dir {}", dir.display())
+    };
+    format!(
+        "run `detectd weights fetch {}{cache}` where the network is open, or download it \
+         elsewhere and put it at {}",
+        p.id,
+        dest.display()
+    )
 }
 
 /// Ensures every file in `wanted`; one error that lists each file that could not be had.
@@ -168,16 +278,53 @@ pub fn ensure_all(wanted: &[Published], dir: &Path) -> Result<Vec<PathBuf>, Stri
     }
 }
 
-fn download(url: &str, to: &Path) -> Result<(), String> {
+/// A progress bar on stderr when it is a terminal; hidden otherwise (logs, pipes, tests).
+fn progress(len: Option<u64>) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar =
+        indicatif::ProgressBar::with_draw_target(len, indicatif::ProgressDrawTarget::stderr());
+    let template = "{bytes}/{total_bytes} {wide_bar} {bytes_per_sec} {eta}";
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// Streams `url` into `to`, hashing as it goes; a body shorter than its Content-Length is an
+/// error even where the transport does not call it one.
+fn download(url: &str, to: &mut std::fs::File) -> Result<String, String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_connect(Some(std::time::Duration::from_secs(10)))
         .build()
         .into();
     let response = agent.get(url).call().map_err(|e| e.to_string())?;
-    let mut reader = response.into_body().into_reader();
-    let mut file = std::fs::File::create(to).map_err(|e| e.to_string())?;
-    std::io::copy(&mut reader, &mut file).map_err(|e| e.to_string())?;
-    Ok(())
+    let declared = response
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let bar = progress(declared);
+    let mut reader = bar.wrap_read(response.into_body().into_reader());
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    loop {
+        let n = reader.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        to.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+        total += n as u64;
+    }
+    bar.finish_and_clear();
+    if let Some(len) = declared.filter(|&len| len != total) {
+        return Err(format!("transfer cut short: {total} of {len} bytes"));
+    }
+    to.sync_all().map_err(|e| e.to_string())?;
+    Ok(hex(&hasher.finalize()))
 }
 
 #[cfg(test)]
@@ -187,13 +334,32 @@ mod tests {
     #[test]
     fn hash_prefixes_come_from_file_names() {
         assert_eq!(
-            find("fasterrcnn-v1").map(|p| p.hash_prefix()),
-            Some("258fb6c6")
+            find("fasterrcnn-v1").and_then(|p| p.source().sha256),
+            Some("258fb6c6".into())
         );
         assert_eq!(
-            find("resnet50-11ad3fa6.pth").map(|p| p.hash_prefix()),
-            Some("11ad3fa6")
+            find("resnet50-11ad3fa6.pth").and_then(|p| p.source().sha256),
+            Some("11ad3fa6".into())
         );
+        assert_eq!(find("v2").map(|p| p.id), Some("fasterrcnn-v2"));
+    }
+
+    #[test]
+    fn urls_give_file_names_and_hashes() {
+        let s = Source::from_url("http://h/x/model-0123abcd.pth?download=1", None).unwrap();
+        assert_eq!(
+            (s.file.as_str(), s.sha256.as_deref()),
+            ("model-0123abcd.pth", Some("0123abcd"))
+        );
+        let s = Source::from_url("http://h/plain.pth", Some("ABCDEF0123")).unwrap();
+        assert_eq!(s.sha256.as_deref(), Some("abcdef0123"));
+        assert!(Source::from_url("http://h/plain.pth", None)
+            .unwrap()
+            .sha256
+            .is_none());
+        assert!(Source::from_url("http://h/", None).is_err());
+        assert!(parse_sha256("xyz12345").is_err());
+        assert!(parse_sha256("abc").is_err());
     }
 
     #[test]
@@ -203,7 +369,7 @@ mod tests {
         let p = find("resnet50-v2").unwrap();
         std::fs::write(dir.join(p.file), b"not the weights").unwrap();
         let err = ensure(&p, &dir).unwrap_err().to_string();
-        assert!(err.contains("does not start with 11ad3fa6"), "{err}");
+        assert!(err.contains("does not match 11ad3fa6"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
