@@ -185,7 +185,9 @@ pub async fn detect(
             (r.width, r.height, detections_json(&kept, &served.labels))
         })
         .collect();
-    if let (Some((format, image)), Some((_, _, detections))) = (source, results.pop()) {
+    if let Some((format, image)) = source {
+        // render_format has checked there is exactly one result.
+        let detections = results.pop().map(|(_, _, d)| d).unwrap_or_default();
         let max_pixels = state.service.max_pixels;
         let response = rendered(image, max_pixels, detections, format).await?;
         return Ok(timed(response, answer.timing));
