@@ -82,7 +82,13 @@ fn a_download_with_the_right_hash_lands_verified() {
     let dir = empty_dir("right");
     let hash = sha256(&body);
     let url = format!("{base}/models/model.pth?x=1");
-    let out = fetch(&[&url, "--sha256", &hash, "--cache-dir", &common::path_str(&dir)]);
+    let out = fetch(&[
+        &url,
+        "--sha256",
+        &hash,
+        "--cache-dir",
+        &common::path_str(&dir),
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let path = dir.join("model.pth");
     assert_eq!(
@@ -106,10 +112,17 @@ fn a_download_without_a_hash_warns_and_names_its_hash() {
     let body = payload();
     let base = serve(body.clone(), body.len());
     let dir = empty_dir("nohash");
-    let out = fetch(&[&format!("{base}/plain.pth"), "--cache-dir", &common::path_str(&dir)]);
+    let out = fetch(&[
+        &format!("{base}/plain.pth"),
+        "--cache-dir",
+        &common::path_str(&dir),
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
-    assert!(err.contains("unverified") && err.contains(&sha256(&body)), "{err}");
+    assert!(
+        err.contains("unverified") && err.contains(&sha256(&body)),
+        "{err}"
+    );
     assert_eq!(listing(&dir), vec!["plain.pth"]);
 }
 
@@ -128,7 +141,10 @@ fn a_wrong_hash_fails_and_leaves_nothing() {
     ]);
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("does not match") && err.contains(&sha256(&body)), "{err}");
+    assert!(
+        err.contains("does not match") && err.contains(&sha256(&body)),
+        "{err}"
+    );
     assert!(listing(&dir).is_empty(), "{:?}", listing(&dir));
 }
 
@@ -157,7 +173,12 @@ fn names_and_aliases_are_listed_and_bad_targets_refused() {
         .output()
         .expect("run detectd");
     let text = String::from_utf8_lossy(&out.stdout);
-    for name in ["fasterrcnn-v1, v1", "fasterrcnn-v2, v2", "resnet50-v1", "resnet50-v2"] {
+    for name in [
+        "fasterrcnn-v1, v1",
+        "fasterrcnn-v2, v2",
+        "resnet50-v1",
+        "resnet50-v2",
+    ] {
         assert!(text.contains(name), "{text}");
     }
     let out = fetch(&["no-such-name"]);

@@ -2,6 +2,7 @@
 download): opens /, uploads an image, runs detect with threshold 0 and the API key, and
 reports what the page shows as JSON. Usage: page.py URL IMAGE SCREENSHOT API_KEY"""
 import json
+import shutil
 import sys
 
 from playwright.sync_api import sync_playwright
@@ -32,7 +33,8 @@ async ([x, y]) => {
 def main():
     url, image, screenshot, key = sys.argv[1:5]
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        chromium = shutil.which("chromium") or "/usr/bin/chromium"
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         page.goto(url)
         page.set_input_files("#file", image)
