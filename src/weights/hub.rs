@@ -252,10 +252,11 @@ fn fetch_hint(p: &Published, dir: &Path, dest: &Path) -> String {
     } else {
         format!(" --cache-dir {}", dir.display())
     };
+    // The shortest name: the issue's v1/v2 for the detectors.
+    let name = p.aliases.first().copied().unwrap_or(p.id);
     format!(
-        "run `detectd weights fetch {}{cache}` where the network is open, or download it \
+        "run `detectd weights fetch {name}{cache}` where the network is open, or download it \
          elsewhere and put it at {}",
-        p.id,
         dest.display()
     )
 }
@@ -360,6 +361,18 @@ mod tests {
         assert!(Source::from_url("http://h/", None).is_err());
         assert!(parse_sha256("xyz12345").is_err());
         assert!(parse_sha256("abc").is_err());
+    }
+
+    #[test]
+    fn the_offline_hint_names_the_fetch_command() {
+        let p = find("fasterrcnn-v1").unwrap();
+        let dir = Path::new("/elsewhere");
+        let hint = fetch_hint(&p, dir, &dir.join(p.file));
+        assert!(
+            hint.contains("`detectd weights fetch v1 --cache-dir /elsewhere`"),
+            "{hint}"
+        );
+        assert!(hint.contains("/elsewhere/fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"));
     }
 
     #[test]
