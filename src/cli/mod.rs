@@ -279,14 +279,6 @@ fn fetch_one(target: &str, args: &FetchArgs) -> anyhow::Result<PathBuf> {
     Ok(dest)
 }
 
-/// A decoded image (pixels and tensor) or the reason it could not be read.
-fn read_image(path: &Path) -> Result<(image::RgbImage, imaging::RgbImage), String> {
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    let pixels = imaging::decode_pixels(&bytes, u64::MAX).map_err(|e| e.to_string())?;
-    let tensor = imaging::to_tensor(&pixels);
-    Ok((pixels, tensor))
-}
-
 /// An image that was read, with its pixels when they are to be drawn on.
 struct Loaded {
     path: PathBuf,
@@ -296,6 +288,20 @@ struct Loaded {
 }
 
 impl Loaded {
+    /// The image and its tensor, or the reason it could not be read.
+    fn read(path: &Path, keep_pixels: bool) -> Result<(Loaded, imaging::RgbImage), String> {
+        let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+        let pixels = imaging::decode_pixels(&bytes, u64::MAX).map_err(|e| e.to_string())?;
+        let tensor = imaging::to_tensor(&pixels);
+        let image = Loaded {
+            path: path.to_owned(),
+            width: tensor.width,
+            height: tensor.height,
+            pixels: keep_pixels.then_some(pixels),
+        };
+        Ok((image, tensor))
+    }
+
     fn info(&self) -> ImageInfo<'_> {
         ImageInfo {
             path: &self.path,
@@ -337,15 +343,10 @@ fn for_each_image<T, R>(
         let mut loaded = Vec::new();
         let mut prepared = Vec::new();
         for path in chunk {
-            match read_image(path) {
-                Ok((pixels, img)) => {
-                    prepared.push(prepare(&img));
-                    loaded.push(Loaded {
-                        path: path.clone(),
-                        width: img.width,
-                        height: img.height,
-                        pixels: keep_pixels.then_some(pixels),
-                    });
+            match Loaded::read(path, keep_pixels) {
+                Ok((image, tensor)) => {
+                    prepared.push(prepare(&tensor));
+                    loaded.push(image);
                 }
                 Err(e) => {
                     bar.suspend(|| eprintln!("detectd: {}: {e}", path.display()));

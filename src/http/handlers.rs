@@ -19,8 +19,9 @@ use crate::api::{detections_json, predictions_json, DetectionJson};
 use crate::batch::Timing;
 use crate::labels::Labels;
 use crate::model::detector::MAX_DETECTIONS;
+use crate::model::Detection;
 use crate::render;
-use crate::service::{Service, ServiceError};
+use crate::service::{ImageResult, Service, ServiceError};
 
 const DEFAULT_SCORE_THRESHOLD: f64 = 0.05;
 const DEFAULT_TOP_K: i64 = 5;
@@ -171,35 +172,41 @@ pub async fn detect(
     // Bytes clones share the buffer; kept only when the image is to be drawn.
     let source = render.and_then(|f| Some((f, images.first()?.clone())));
     let answer = state.service.detect(images, threshold, started).await?;
-    let mut results: Vec<(u32, u32, Vec<DetectionJson>)> = answer
-        .results
-        .iter()
-        .map(|r| {
-            let kept: Vec<_> = r
-                .output
-                .iter()
-                .filter(|d| keep.as_ref().is_none_or(|k| k.contains(&d.label)))
-                .take(max_detections)
-                .cloned()
-                .collect();
-            (r.width, r.height, detections_json(&kept, &served.labels))
-        })
-        .collect();
+    let shown = |r: &ImageResult<Vec<Detection>>| {
+        shown_detections(&r.output, keep.as_ref(), max_detections, &served.labels)
+    };
     if let Some((format, image)) = source {
         // render_format has checked there is exactly one result.
-        let detections = results.pop().map(|(_, _, d)| d).unwrap_or_default();
+        let detections = answer.results.first().map(shown).unwrap_or_default();
         let max_pixels = state.service.max_pixels;
         let response = rendered(image, max_pixels, detections, format).await?;
         return Ok(timed(response, answer.timing));
     }
-    let results: Vec<Value> = results
-        .into_iter()
-        .map(|(w, h, d)| json!({"width": w, "height": h, "detections": d}))
+    let results: Vec<Value> = answer
+        .results
+        .iter()
+        .map(|r| json!({"width": r.width, "height": r.height, "detections": shown(r)}))
         .collect();
     Ok(with_timing(
         json!({"model": served.info, "results": results}),
         answer.timing,
     ))
+}
+
+/// The detections a request asked for: its labels only, at most `max` of them.
+fn shown_detections(
+    output: &[Detection],
+    keep: Option<&HashSet<i64>>,
+    max: usize,
+    labels: &Labels,
+) -> Vec<DetectionJson> {
+    let kept: Vec<Detection> = output
+        .iter()
+        .filter(|d| keep.is_none_or(|k| k.contains(&d.label)))
+        .take(max)
+        .cloned()
+        .collect();
+    detections_json(&kept, labels)
 }
 
 pub async fn classify(
