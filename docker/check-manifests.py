@@ -218,8 +218,14 @@ def check_k8s(name, docs, gpu):
     check(ann.get("prometheus.io/path") == "/metrics", f"{where}: prometheus.io/path {ann.get('prometheus.io/path')}")
     # Service -> pods.
     check(selects(svc["spec"]["selector"], labels), f"{where}: Service selector does not match the pod labels")
+    # Each Service port reaches the container port of its name, and the server listens there.
+    container_ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    listens = {"http": env.get("DETECTD_LISTEN", ""), "grpc": env.get("DETECTD_GRPC_ADDR", "")}
     for p in svc["spec"]["ports"]:
-        check(port_of(p["targetPort"]) == 8080, f"{where}: Service targetPort {p['targetPort']} is not the container port")
+        name = p["targetPort"]
+        check(name in container_ports, f"{where}: Service targetPort {name} is not a container port")
+        check(listens.get(name, "").endswith(f":{container_ports.get(name)}"),
+              f"{where}: the server does not listen on container port {name}")
     # HPA -> Deployment; PDB -> pods, and leaves one pod up at the HPA's minimum.
     ref = hpa["spec"]["scaleTargetRef"]
     check((ref["apiVersion"], ref["kind"], ref["name"]) == ("apps/v1", "Deployment", dep["metadata"]["name"]),
@@ -347,7 +353,7 @@ def check_dockerfile():
     stages = re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", df, re.M | re.I)
     check(stages and stages[-1] == "cpu", f"Dockerfile: last stage {stages[-1:]} is not cpu (the default target)")
     check(re.search(r"^HEALTHCHECK .*\n?.*/healthz", df, re.M) is not None, "Dockerfile: HEALTHCHECK not on /healthz")
-    check(re.search(r"^EXPOSE 8080$", df, re.M) is not None, "Dockerfile: EXPOSE 8080 missing")
+    check(re.search(r"^EXPOSE 8080 50051$", df, re.M) is not None, "Dockerfile: EXPOSE 8080 50051 missing")
     check(dockerfile_uid() and 0 not in dockerfile_uid(), "Dockerfile: no non-root numeric USER")
     check("DETECTD_CACHE_DIR=/var/cache/detectd" in df, "Dockerfile: DETECTD_CACHE_DIR")
     ignore = (ROOT / ".dockerignore").read_text().split()
