@@ -1,20 +1,24 @@
 //! The JSON shapes detectd answers with, shared by the CLI and the HTTP edge.
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::labels::Labels;
 use crate::model::{Detection, Prediction};
+use crate::service::ModelInfo;
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct DetectionJson {
+    /// [x1, y1, x2, y2] in original-image pixels.
     #[serde(rename = "box")]
+    #[schema(min_items = 4, max_items = 4)]
     pub bbox: [f32; 4],
     pub score: f32,
     pub label_id: i64,
     pub label: String,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct PredictionJson {
     pub label_id: i64,
     pub label: String,
@@ -41,4 +45,71 @@ pub fn predictions_json(preds: &[Prediction], labels: &Labels) -> Vec<Prediction
             score: p.score,
         })
         .collect()
+}
+
+/// One image's detections, with its size as decoded (EXIF orientation applied).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ImageDetections {
+    pub width: u32,
+    pub height: u32,
+    /// Sorted by score, highest first.
+    pub detections: Vec<DetectionJson>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DetectResponse {
+    pub model: ModelInfo,
+    /// One per image, in the order sent.
+    pub results: Vec<ImageDetections>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ImagePredictions {
+    pub width: u32,
+    pub height: u32,
+    pub predictions: Vec<PredictionJson>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClassifyResponse {
+    pub model: ModelInfo,
+    pub results: Vec<ImagePredictions>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchingJson {
+    pub max_batch_size: usize,
+    pub max_batch_delay_ms: u64,
+    pub max_queue: usize,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelStatus {
+    pub name: String,
+    /// The route that reaches it.
+    pub endpoint: String,
+    pub arch: String,
+    pub classes: i64,
+    pub device: String,
+    pub precision: String,
+    pub ready: bool,
+    pub batching: BatchingJson,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelsResponse {
+    pub models: Vec<ModelStatus>,
+}
+
+/// Every error answer: a message for people and a stable code for programs.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+    pub code: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatusBody {
+    /// ok, ready, loading or draining.
+    pub status: String,
 }

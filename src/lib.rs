@@ -7,6 +7,7 @@
 pub mod api;
 pub mod batch;
 pub mod cli;
+pub mod grpc;
 pub mod http;
 pub mod imaging;
 pub mod labels;

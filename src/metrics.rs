@@ -37,7 +37,7 @@ impl Metrics {
             requests: IntCounterVec::new(
                 Opts::new(
                     "detectd_requests_total",
-                    "HTTP requests by endpoint and status",
+                    "Requests by endpoint (HTTP route or gRPC method) and status (HTTP status or gRPC code name)",
                 ),
                 &["endpoint", "status"],
             )

@@ -147,7 +147,9 @@ fn batch_results_equal_single_image_results() {
         "b375x500.png:375x500:RGB",
         "b480x640.png:480x640:RGB",
     ]);
-    let (model, _) = model("v1", &["--frozen-eps", "0.0"]);
+    let (mut model, _) = model("v1", &["--frozen-eps", "0.0"]);
+    // Shared forward passes, as on a GPU (the CPU default runs images one by one).
+    model.images_per_forward = usize::MAX;
     let prepared: Vec<_> = images
         .iter()
         .map(|p| prepare_detector(&decode_file(p)))

@@ -12,30 +12,6 @@ use common::*;
 use reqwest::blocking::{multipart, Client, Response};
 use serde_json::{json, Value};
 
-fn detector_weights() -> String {
-    path_str(&tvref(
-        &data_dir().join("det_v1.pth"),
-        &[
-            "make-detector",
-            "--arch",
-            "v1",
-            "--seed",
-            "7",
-            "--weights",
-            "{out}",
-            "--frozen-eps",
-            "0.0",
-        ],
-    ))
-}
-
-fn classifier_weights() -> String {
-    path_str(&tvref(
-        &data_dir().join("cls.pth"),
-        &["make-classifier", "--seed", "3", "--weights", "{out}"],
-    ))
-}
-
 fn client() -> Client {
     Client::builder()
         .timeout(Duration::from_secs(300))

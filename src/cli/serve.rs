@@ -3,7 +3,6 @@
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +11,7 @@ use tokio::sync::Notify;
 
 use super::{resolve_weights, CacheArgs};
 use crate::batch::BatchConfig;
+use crate::grpc::{self, GrpcConfig};
 use crate::http::{router, AppState};
 use crate::metrics::Metrics;
 use crate::model::{device, ArchChoice, DeviceChoice, ModelError, Precision, Preset};
@@ -30,6 +30,9 @@ pub struct ServeArgs {
     /// Address to listen on (port 0: any free port, printed at start).
     #[arg(long, env = "DETECTD_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+    /// Address for the gRPC API (detectd.v1.Detector, health, reflection); none: no gRPC.
+    #[arg(long, env = "DETECTD_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
     /// Faster R-CNN checkpoint file or published name; without it /detect answers 404.
     #[arg(long, env = "DETECTD_DETECTOR_WEIGHTS")]
     pub detector_weights: Option<String>,
@@ -213,6 +216,7 @@ fn start_models(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<(Ser
         metrics: metrics.clone(),
         max_pixels: args.max_image_pixels,
         request_timeout: Duration::from_millis(args.request_timeout_ms),
+        admission: Default::default(),
     };
     Ok((service, workers))
 }
@@ -223,16 +227,70 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if service.detector.is_none() && service.classifier.is_none() {
         tracing::warn!("no model loaded: give --detector-weights and/or --classifier-weights");
     }
+    let service = Arc::new(service);
     let state = Arc::new(AppState::new(
-        service,
+        service.clone(),
         args.api_key.clone(),
         args.max_body_bytes,
     ));
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
-    // A stable line on stdout that scripts and tests wait for.
+    let grpc_listener = match args.grpc_addr {
+        Some(a) => Some(tokio::net::TcpListener::bind(a).await?),
+        None => None,
+    };
+    // Stable lines on stdout that scripts and tests wait for.
+    if let Some(g) = &grpc_listener {
+        println!("detectd grpc listening on {}", g.local_addr()?);
+    }
     println!("detectd listening on http://{addr}");
     tracing::info!(%addr, "listening");
+    let handles = watch_workers(workers);
+    let (drained_tx, drained) = tokio::sync::watch::channel(false);
+    let stop = Arc::new(Notify::new());
+    tokio::spawn(shutdown_signal(service.clone(), stop.clone(), drained_tx));
+    let grpc = grpc_listener.map(|listener| {
+        let config = GrpcConfig {
+            api_key: args.api_key.clone(),
+            max_message_bytes: args.max_body_bytes,
+        };
+        tokio::spawn(grpc::serve(
+            listener,
+            service.clone(),
+            config,
+            when_drained(drained.clone()),
+        ))
+    });
+    let app = router(state.clone(), &args.cors_origin);
+    let server = axum::serve(listener, app).with_graceful_shutdown(when_drained(drained));
+    let limit = Duration::from_secs(args.shutdown_timeout_s);
+    tokio::select! {
+        result = server => result?,
+        _ = async { stop.notified().await; tokio::time::sleep(limit).await } => {
+            tracing::warn!(seconds = args.shutdown_timeout_s, "shutdown timeout reached with requests unfinished");
+            return Ok(());
+        }
+    }
+    if let Some(grpc) = grpc {
+        if let Ok(Err(e)) = tokio::time::timeout(limit, grpc)
+            .await
+            .unwrap_or(Ok(Ok(())))
+        {
+            tracing::warn!(error = %e, "grpc server stopped with an error");
+        }
+    }
+    drop(state);
+    drop(service);
+    // The batchers are gone with the service: each worker finishes its queue and stops.
+    let joined =
+        tokio::task::spawn_blocking(move || handles.into_iter().for_each(|h| drop(h.join())));
+    let _ = tokio::time::timeout(limit, joined).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Exits the process if a model fails to load; returns the worker threads to join at the end.
+fn watch_workers(workers: Workers) -> Vec<std::thread::JoinHandle<()>> {
     let mut handles = Vec::new();
     for (handle, started) in workers {
         handles.push(handle);
@@ -244,25 +302,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         });
     }
-    let app = router(state.clone(), &args.cors_origin);
-    let stop = Arc::new(Notify::new());
-    let shutdown = shutdown_signal(state.clone(), stop.clone());
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
-    let limit = Duration::from_secs(args.shutdown_timeout_s);
-    tokio::select! {
-        result = server => result?,
-        _ = async { stop.notified().await; tokio::time::sleep(limit).await } => {
-            tracing::warn!(seconds = args.shutdown_timeout_s, "shutdown timeout reached with requests unfinished");
-            return Ok(());
-        }
-    }
-    drop(state);
-    // The batchers are gone with the state: each worker finishes its queue and stops.
-    let joined =
-        tokio::task::spawn_blocking(move || handles.into_iter().for_each(|h| drop(h.join())));
-    let _ = tokio::time::timeout(limit, joined).await;
-    tracing::info!("stopped");
-    Ok(())
+    handles
+}
+
+async fn when_drained(mut drained: tokio::sync::watch::Receiver<bool>) {
+    let _ = drained.wait_for(|d| *d).await;
 }
 
 fn fail_start(reason: &str) {
@@ -271,10 +315,15 @@ fn fail_start(reason: &str) {
     std::process::exit(1);
 }
 
-/// Resolves on SIGTERM or SIGINT once the drain is over: /readyz turns 503 and new work is
-/// refused at once, while the listener stays open (so load balancers see the 503) until every
-/// request in flight has been answered. Then axum closes the listener and idle connections.
-async fn shutdown_signal(state: Arc<AppState>, stop: Arc<Notify>) {
+/// On SIGTERM or SIGINT, drains: /readyz and gRPC health turn unavailable and new work is
+/// refused at once, while the listeners stay open (so load balancers see the 503) until every
+/// request in flight on either edge has been answered. Then `drained` tells both servers to
+/// close their listeners and idle connections.
+async fn shutdown_signal(
+    service: Arc<Service>,
+    stop: Arc<Notify>,
+    drained: tokio::sync::watch::Sender<bool>,
+) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -290,11 +339,16 @@ async fn shutdown_signal(state: Arc<AppState>, stop: Arc<Notify>) {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    state.draining.store(true, Ordering::SeqCst);
-    tracing::info!(in_flight = state.in_flight(), "signal received: draining");
+    let admission = &service.admission;
+    admission.start_draining();
+    tracing::info!(
+        in_flight = admission.in_flight(),
+        "signal received: draining"
+    );
     stop.notify_one();
-    while state.in_flight() > 0 {
+    while admission.in_flight() > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tracing::info!("drained");
+    let _ = drained.send(true);
 }

@@ -1,9 +1,14 @@
 //! The edge's one error type and its status table. Client errors say what was wrong; internal
 //! ones say nothing beyond "internal error" and are logged with the request id.
 
+use std::collections::BTreeMap;
+
 use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use serde_json::json;
+use utoipa::openapi::header::HeaderBuilder;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
 
 use crate::imaging::ImageError;
 use crate::service::ServiceError;
@@ -77,6 +82,67 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// One of each variant, so the API document lists every status and code of the table.
+    fn every() -> [ApiError; 14] {
+        let s = String::new;
+        [
+            ApiError::BadRequest(s()),
+            ApiError::InvalidImage(s()),
+            ApiError::BodyTooLarge(s()),
+            ApiError::ImageTooLarge(s()),
+            ApiError::UnsupportedMediaType(s()),
+            ApiError::InvalidParameter(s()),
+            ApiError::NotFound(s()),
+            ApiError::ModelNotLoaded(s()),
+            ApiError::Unauthorized,
+            ApiError::QueueFull,
+            ApiError::NotReady(s()),
+            ApiError::Draining,
+            ApiError::Timeout,
+            ApiError::Internal(s()),
+        ]
+    }
+}
+
+/// The error answers of the model endpoints, for the API document: made from the status table
+/// above, so the document cannot drift from what the server sends.
+pub struct ModelErrors;
+
+impl utoipa::IntoResponses for ModelErrors {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        let mut codes: BTreeMap<u16, Vec<&'static str>> = BTreeMap::new();
+        for e in ApiError::every() {
+            codes.entry(e.status().as_u16()).or_default().push(e.code());
+        }
+        codes
+            .into_iter()
+            .map(|(status, codes)| {
+                let reason = StatusCode::from_u16(status)
+                    .ok()
+                    .and_then(|s| s.canonical_reason())
+                    .unwrap_or("");
+                let content = ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build();
+                let mut response = ResponseBuilder::new()
+                    .description(format!("{reason}; code: {}", codes.join(", ")))
+                    .content("application/json", content);
+                if status == 429 {
+                    response = response.header(
+                        "retry-after",
+                        HeaderBuilder::new()
+                            .schema(ObjectBuilder::new().schema_type(Type::Integer))
+                            .description(Some("Seconds to wait before retrying"))
+                            .build(),
+                    );
+                }
+                (status.to_string(), RefOr::T(response.build()))
+            })
+            .collect()
+    }
+}
+
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         match e {
@@ -87,6 +153,8 @@ impl From<ServiceError> for ApiError {
             ServiceError::Image { .. } => ApiError::InvalidImage(e.to_string()),
             ServiceError::NotLoaded(_) => ApiError::ModelNotLoaded(e.to_string()),
             ServiceError::NotReady(_) => ApiError::NotReady(e.to_string()),
+            ServiceError::InvalidParameter(m) => ApiError::InvalidParameter(m),
+            ServiceError::Draining => ApiError::Draining,
             ServiceError::QueueFull => ApiError::QueueFull,
             ServiceError::Timeout => ApiError::Timeout,
             ServiceError::Model(m) => ApiError::Internal(m.to_string()),
@@ -95,7 +163,7 @@ impl From<ServiceError> for ApiError {
 }
 
 impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+    fn into_response(self) -> axum::response::Response {
         if let ApiError::Internal(detail) = &self {
             // The span carries the request id.
             tracing::error!(error = %detail, "internal error");

@@ -1,6 +1,6 @@
-//! Route handlers: check, read, ask the service, shape the JSON.
+//! Route handlers: check, read, ask the service, shape the JSON. Each handler's
+//! `#[utoipa::path]` is the API document's entry for its route.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -10,71 +10,29 @@ use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
+use serde::Serialize;
 
-use super::error::ApiError;
-use super::input::{self, RawParams};
+use super::error::{ApiError, ModelErrors};
+use super::input::{
+    self, ClassifyParams, DetectParams, ImageBytes, JsonBody, MultipartBody, Params,
+};
 use super::{AppState, SERVER_TIMING};
-use crate::api::{detections_json, predictions_json, DetectionJson};
+use crate::api::DetectionJson;
+use crate::api::{
+    BatchingJson, ClassifyResponse, DetectResponse, ImageDetections, ImagePredictions, ModelStatus,
+    ModelsResponse, StatusBody,
+};
 use crate::batch::Timing;
-use crate::labels::Labels;
-use crate::model::detector::MAX_DETECTIONS;
-use crate::model::Detection;
 use crate::render;
-use crate::service::{ImageResult, Service, ServiceError};
+use crate::service::{Service, ServiceError};
 
-const DEFAULT_SCORE_THRESHOLD: f64 = 0.05;
-const DEFAULT_TOP_K: i64 = 5;
-const MAX_TOP_K: i64 = 1000;
-
-fn query_params(query: Result<Query<RawParams>, QueryRejection>) -> Result<RawParams, ApiError> {
+fn query_params<P>(query: Result<Query<P>, QueryRejection>) -> Result<P, ApiError> {
     query
         .map(|q| q.0)
         .map_err(|e| ApiError::InvalidParameter(e.body_text()))
 }
 
-fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
-    name: &str,
-    v: Option<T>,
-    default: T,
-    lo: T,
-    hi: T,
-) -> Result<T, ApiError> {
-    let v = v.unwrap_or(default);
-    if !(lo..=hi).contains(&v) {
-        return Err(ApiError::InvalidParameter(format!(
-            "{name} must be within {lo}..={hi}, got {v}"
-        )));
-    }
-    Ok(v)
-}
-
-/// The label ids a `labels` parameter keeps; every name must exist.
-fn label_filter(params: &RawParams, labels: &Labels) -> Result<Option<HashSet<i64>>, ApiError> {
-    let Some(list) = &params.labels else {
-        return Ok(None);
-    };
-    let mut ids = HashSet::new();
-    let mut unknown = Vec::new();
-    for name in list.names() {
-        let found: Vec<i64> = (0..labels.len() as i64)
-            .filter(|&i| labels.name(i) == name)
-            .collect();
-        if found.is_empty() {
-            unknown.push(name);
-        }
-        ids.extend(found);
-    }
-    if !unknown.is_empty() {
-        return Err(ApiError::InvalidParameter(format!(
-            "unknown labels: {}",
-            unknown.join(", ")
-        )));
-    }
-    Ok(Some(ids))
-}
-
-fn with_timing(body: Value, timing: Timing) -> Response {
+fn with_timing(body: impl Serialize, timing: Timing) -> Response {
     timed(Json(body).into_response(), timing)
 }
 
@@ -91,8 +49,8 @@ fn timed(mut response: Response, timing: Timing) -> Response {
 }
 
 /// `render=png|jpeg` asks for the one image drawn instead of JSON.
-fn render_format(params: &RawParams, images: usize) -> Result<Option<render::Format>, ApiError> {
-    let Some(value) = &params.render else {
+fn render_format(value: Option<&str>, images: usize) -> Result<Option<render::Format>, ApiError> {
+    let Some(value) = value else {
         return Ok(None);
     };
     let format = render::Format::parse(value).ok_or_else(|| {
@@ -123,172 +81,208 @@ async fn rendered(
     Ok(([(header::CONTENT_TYPE, format.content_type())], encoded).into_response())
 }
 
-/// New work is refused while draining; then the model must be loaded and ready, which is
+/// New work is refused while draining, and the model must be loaded and ready; both are
 /// judged before the body is read.
 fn accept<'s, M>(
     state: &'s AppState,
     model: impl FnOnce(&'s Service) -> Result<M, ServiceError>,
 ) -> Result<M, ApiError> {
-    if state.is_draining() {
-        return Err(ApiError::Draining);
-    }
     Ok(model(&state.service)?)
 }
 
-async fn read_body(
+async fn read_body<P: Params>(
     state: &AppState,
-    query: Result<Query<RawParams>, QueryRejection>,
+    query: Result<Query<P>, QueryRejection>,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(Vec<bytes::Bytes>, RawParams), ApiError> {
+) -> Result<(Vec<bytes::Bytes>, P), ApiError> {
     input::read(headers, body, query_params(query)?, state.max_body_bytes).await
 }
 
+/// Detect objects in one image or several.
+///
+/// The body is one image (any image/* type or application/octet-stream), a multipart form
+/// whose file parts are images, or JSON with base64 images. Parameters come from the query
+/// string or, for multipart and JSON, from fields of the body (the query wins).
+#[utoipa::path(
+    post, path = "/detect", tag = "models",
+    params(DetectParams),
+    request_body(content(
+        (ImageBytes = "image/jpeg"), (ImageBytes = "image/png"), (ImageBytes = "image/webp"),
+        (ImageBytes = "application/octet-stream"),
+        (MultipartBody<DetectParams> = "multipart/form-data"),
+        (JsonBody<DetectParams> = "application/json"),
+    )),
+    responses(
+        (status = 200, description = "Detections per image, or with `render` the image drawn",
+         content((DetectResponse = "application/json"), (ImageBytes = "image/png"), (ImageBytes = "image/jpeg"))),
+        ModelErrors,
+    ),
+    security((), ("api_key" = [])),
+)]
 pub async fn detect(
     State(state): State<Arc<AppState>>,
-    query: Result<Query<RawParams>, QueryRejection>,
+    query: Result<Query<DetectParams>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let served = accept(&state, |s| s.detector())?;
-    let (images, params) = read_body(&state, query, &headers, body).await?;
-    let threshold = in_range(
-        "score_threshold",
-        params.score_threshold,
-        DEFAULT_SCORE_THRESHOLD,
-        0.0,
-        1.0,
-    )?;
-    let max_detections = in_range(
-        "max_detections",
-        params.max_detections,
-        MAX_DETECTIONS,
-        1,
-        MAX_DETECTIONS,
-    )? as usize;
-    let keep = label_filter(&params, &served.labels)?;
-    let render = render_format(&params, images.len())?;
+    accept(&state, |s| s.detector())?;
+    let (images, mut params) = read_body(&state, query, &headers, body).await?;
+    let render = render_format(params.render.take().as_deref(), images.len())?;
     // Bytes clones share the buffer; kept only when the image is to be drawn.
     let source = render.and_then(|f| Some((f, images.first()?.clone())));
-    let answer = state.service.detect(images, threshold, started).await?;
-    let shown = |r: &ImageResult<Vec<Detection>>| {
-        shown_detections(&r.output, keep.as_ref(), max_detections, &served.labels)
-    };
+    let deadline = state.service.deadline(started, None);
+    let answer = state
+        .service
+        .detect(images, &params.into(), deadline)
+        .await?;
     if let Some((format, image)) = source {
         // render_format has checked there is exactly one result.
-        let detections = answer.results.first().map(shown).unwrap_or_default();
+        let detections = answer.results.into_iter().next().map(|r| r.output);
         let max_pixels = state.service.max_pixels;
-        let response = rendered(image, max_pixels, detections, format).await?;
+        let response = rendered(image, max_pixels, detections.unwrap_or_default(), format).await?;
         return Ok(timed(response, answer.timing));
     }
-    let results: Vec<Value> = answer
+    let results = answer
         .results
-        .iter()
-        .map(|r| json!({"width": r.width, "height": r.height, "detections": shown(r)}))
+        .into_iter()
+        .map(|r| ImageDetections {
+            width: r.width,
+            height: r.height,
+            detections: r.output,
+        })
         .collect();
-    Ok(with_timing(
-        json!({"model": served.info, "results": results}),
-        answer.timing,
-    ))
+    let body = DetectResponse {
+        model: answer.model,
+        results,
+    };
+    Ok(with_timing(body, answer.timing))
 }
 
-/// The detections a request asked for: its labels only, at most `max` of them.
-fn shown_detections(
-    output: &[Detection],
-    keep: Option<&HashSet<i64>>,
-    max: usize,
-    labels: &Labels,
-) -> Vec<DetectionJson> {
-    let kept: Vec<Detection> = output
-        .iter()
-        .filter(|d| keep.is_none_or(|k| k.contains(&d.label)))
-        .take(max)
-        .cloned()
-        .collect();
-    detections_json(&kept, labels)
-}
-
+/// Classify one image or several (ImageNet classes for the published weights).
+///
+/// Bodies and parameters as for /detect.
+#[utoipa::path(
+    post, path = "/classify", tag = "models",
+    params(ClassifyParams),
+    request_body(content(
+        (ImageBytes = "image/jpeg"), (ImageBytes = "image/png"), (ImageBytes = "image/webp"),
+        (ImageBytes = "application/octet-stream"),
+        (MultipartBody<ClassifyParams> = "multipart/form-data"),
+        (JsonBody<ClassifyParams> = "application/json"),
+    )),
+    responses((status = 200, description = "Top classes per image", body = ClassifyResponse), ModelErrors),
+    security((), ("api_key" = [])),
+)]
 pub async fn classify(
     State(state): State<Arc<AppState>>,
-    query: Result<Query<RawParams>, QueryRejection>,
+    query: Result<Query<ClassifyParams>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let served = accept(&state, |s| s.classifier())?;
+    accept(&state, |s| s.classifier())?;
     let (images, params) = read_body(&state, query, &headers, body).await?;
-    let top_k = in_range("top_k", params.top_k, DEFAULT_TOP_K, 1, MAX_TOP_K)?
-        .min(served.info.num_classes) as usize;
-    let answer = state.service.classify(images, top_k, started).await?;
-    let results: Vec<Value> = answer
+    let deadline = state.service.deadline(started, None);
+    let answer = state
+        .service
+        .classify(images, &params.into(), deadline)
+        .await?;
+    let results = answer
         .results
-        .iter()
-        .map(|r| json!({"width": r.width, "height": r.height, "predictions": predictions_json(&r.output, &served.labels)}))
+        .into_iter()
+        .map(|r| ImagePredictions {
+            width: r.width,
+            height: r.height,
+            predictions: r.output,
+        })
         .collect();
-    Ok(with_timing(
-        json!({"model": served.info, "results": results}),
-        answer.timing,
-    ))
+    let body = ClassifyResponse {
+        model: answer.model,
+        results,
+    };
+    Ok(with_timing(body, answer.timing))
 }
 
-pub async fn models(State(state): State<Arc<AppState>>) -> Json<Value> {
+/// The models this server holds, whether they are ready, and their batching settings.
+#[utoipa::path(
+    get, path = "/v1/models", tag = "models",
+    responses(
+        (status = 200, description = "Loaded models", body = ModelsResponse),
+        (status = 401, description = "Missing or invalid API key", body = crate::api::ErrorBody),
+    ),
+    security((), ("api_key" = [])),
+)]
+pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelsResponse> {
     let s = &state.service;
     let mut models = Vec::new();
     if let Some(d) = &s.detector {
-        models.push((
-            d.info.clone(),
-            "/detect",
-            d.batcher.is_ready(),
-            d.batcher.config(),
-        ));
+        models.push(model_status(&d.info, "/detect", &d.batcher));
     }
     if let Some(c) = &s.classifier {
-        models.push((
-            c.info.clone(),
-            "/classify",
-            c.batcher.is_ready(),
-            c.batcher.config(),
-        ));
+        models.push(model_status(&c.info, "/classify", &c.batcher));
     }
-    let models: Vec<Value> = models
-        .into_iter()
-        .map(|(info, endpoint, ready, b)| {
-            json!({
-                "name": info.name, "endpoint": endpoint, "arch": info.arch, "classes": info.num_classes,
-                "device": info.device, "precision": info.precision, "ready": ready,
-                "batching": {"max_batch_size": b.max_batch_size, "max_batch_delay_ms": b.max_batch_delay.as_millis() as u64, "max_queue": b.max_queue},
-            })
-        })
-        .collect();
-    Json(json!({"models": models}))
+    Json(ModelsResponse { models })
 }
 
+fn model_status<I: Send + 'static, O: Send + 'static>(
+    info: &crate::service::ModelInfo,
+    endpoint: &str,
+    batcher: &crate::batch::Batcher<I, O>,
+) -> ModelStatus {
+    let b = batcher.config();
+    ModelStatus {
+        name: info.name.clone(),
+        endpoint: endpoint.into(),
+        arch: info.arch.clone(),
+        classes: info.num_classes,
+        device: info.device.clone(),
+        precision: info.precision.clone(),
+        ready: batcher.is_ready(),
+        batching: BatchingJson {
+            max_batch_size: b.max_batch_size,
+            max_batch_delay_ms: b.max_batch_delay.as_millis() as u64,
+            max_queue: b.max_queue,
+        },
+    }
+}
+
+fn status(s: &str) -> Json<StatusBody> {
+    Json(StatusBody { status: s.into() })
+}
+
+/// Liveness: the process answers.
 /// The demo page: static HTML that calls /detect and /classify like any other client.
 pub async fn page() -> Html<&'static str> {
     Html(include_str!("page/index.html"))
 }
 
-pub async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Alive", body = StatusBody)))]
+pub async fn healthz() -> Json<StatusBody> {
+    status("ok")
 }
 
-pub async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<Value>) {
-    if state.is_draining() {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "draining"})),
-        )
+/// Readiness: every model loaded and warmed up, and not draining.
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses(
+    (status = 200, description = "Ready", body = StatusBody),
+    (status = 503, description = "Loading or draining", body = StatusBody),
+))]
+pub async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, Json<StatusBody>) {
+    if state.service.admission.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, status("draining"))
     } else if state.service.ready() {
-        (StatusCode::OK, Json(json!({"status": "ready"})))
+        (StatusCode::OK, status("ready"))
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "loading"})),
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, status("loading"))
     }
 }
 
+/// Prometheus metrics (the detectd_* series).
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses(
+    (status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"),
+))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     (
         [(

@@ -5,22 +5,45 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap};
 use base64::Engine as _;
 use bytes::Bytes;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiError;
+use crate::service::{ClassifyOptions, DetectOptions};
 
-/// Parameters as sent; `Params::validate` checks them.
-#[derive(Debug, Default, Deserialize)]
-pub struct RawParams {
+/// Parameters of /detect, from the query string, JSON fields or multipart text fields.
+#[derive(Debug, Default, Deserialize, IntoParams, ToSchema)]
+#[into_params(parameter_in = Query)]
+pub struct DetectParams {
+    /// Lowest score kept (default 0.05).
+    #[param(minimum = 0.0, maximum = 1.0)]
+    #[schema(minimum = 0.0, maximum = 1.0)]
     pub score_threshold: Option<f64>,
+    /// Most detections per image (default and maximum 100).
+    #[param(minimum = 1, maximum = 100)]
+    #[schema(minimum = 1, maximum = 100)]
     pub max_detections: Option<i64>,
+    /// Class names to keep: comma-separated (or a JSON array in a body).
+    #[param(value_type = Option<String>)]
     pub labels: Option<LabelList>,
-    pub top_k: Option<i64>,
-    /// `png` or `jpeg`: answer /detect with the image drawn instead of JSON.
+    /// `png` or `jpeg`: answer with the one image of the request, detections drawn, instead
+    /// of JSON.
+    #[param(example = "png")]
     pub render: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// Parameters of /classify.
+#[derive(Debug, Default, Deserialize, IntoParams, ToSchema)]
+#[into_params(parameter_in = Query)]
+pub struct ClassifyParams {
+    /// How many classes to return (default 5).
+    #[param(minimum = 1, maximum = 1000)]
+    #[schema(minimum = 1, maximum = 1000)]
+    pub top_k: Option<i64>,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum LabelList {
     Csv(String),
@@ -41,35 +64,85 @@ impl LabelList {
     }
 }
 
-impl RawParams {
-    /// Fills what `self` lacks from `other` (query parameters win over body fields).
-    fn or(self, other: RawParams) -> RawParams {
-        RawParams {
+/// Parameters that can come from two places; query parameters win over body fields.
+pub trait Params: DeserializeOwned + Default + Send {
+    fn or(self, other: Self) -> Self;
+}
+
+impl Params for DetectParams {
+    fn or(self, other: Self) -> Self {
+        Self {
             score_threshold: self.score_threshold.or(other.score_threshold),
             max_detections: self.max_detections.or(other.max_detections),
             labels: self.labels.or(other.labels),
-            top_k: self.top_k.or(other.top_k),
             render: self.render.or(other.render),
         }
     }
 }
 
-#[derive(Deserialize)]
-struct JsonBody {
-    image: Option<String>,
-    images: Option<Vec<String>>,
+impl Params for ClassifyParams {
+    fn or(self, other: Self) -> Self {
+        Self {
+            top_k: self.top_k.or(other.top_k),
+        }
+    }
+}
+
+impl From<DetectParams> for DetectOptions {
+    fn from(p: DetectParams) -> Self {
+        Self {
+            score_threshold: p.score_threshold,
+            max_detections: p.max_detections,
+            labels: p.labels.map(|l| l.names()),
+        }
+    }
+}
+
+impl From<ClassifyParams> for ClassifyOptions {
+    fn from(p: ClassifyParams) -> Self {
+        Self { top_k: p.top_k }
+    }
+}
+
+/// An image as the whole body (the API document's name for raw bytes).
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)]
+pub struct ImageBytes(Vec<u8>);
+
+/// A JSON request: one image or several, base64 (a `data:` URL works too), and parameters.
+#[derive(Deserialize, ToSchema)]
+pub struct JsonBody<P> {
+    /// One image, base64.
+    #[schema(
+        example = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mM8UaHBgA0wMeAAg1MCAB4nAXgllso1AAAAAElFTkSuQmCC"
+    )]
+    pub image: Option<String>,
+    /// Several images, base64, answered in order.
+    pub images: Option<Vec<String>>,
     #[serde(flatten)]
-    params: RawParams,
+    pub params: P,
+}
+
+/// A multipart request: every file part is an image (answered in order); text parts are
+/// parameters. Described for the API document; parts are read by `read_multipart`.
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct MultipartBody<P> {
+    #[schema(value_type = String, format = Binary)]
+    pub image: Vec<u8>,
+    #[serde(flatten)]
+    pub params: P,
 }
 
 /// Reads the body (at most `max_body` bytes) into images, and merges body parameters into
 /// `query`.
-pub async fn read(
+pub async fn read<P: Params>(
     headers: &HeaderMap,
     body: Body,
-    query: RawParams,
+    query: P,
     max_body: usize,
-) -> Result<(Vec<Bytes>, RawParams), ApiError> {
+) -> Result<(Vec<Bytes>, P), ApiError> {
     let too_large = || {
         ApiError::BodyTooLarge(format!(
             "request body is over the limit of {max_body} bytes"
@@ -101,7 +174,7 @@ pub async fn read(
         }
     })?;
     let (images, params) = if mime.starts_with("image/") || mime == "application/octet-stream" {
-        (vec![bytes], RawParams::default())
+        (vec![bytes], P::default())
     } else if mime == "multipart/form-data" {
         read_multipart(&content_type, bytes).await?
     } else if mime == "application/json" {
@@ -118,10 +191,10 @@ pub async fn read(
     Ok((images, query.or(params)))
 }
 
-async fn read_multipart(
+async fn read_multipart<P: Params>(
     content_type: &str,
     body: Bytes,
-) -> Result<(Vec<Bytes>, RawParams), ApiError> {
+) -> Result<(Vec<Bytes>, P), ApiError> {
     let bad = |e: multer::Error| ApiError::BadRequest(format!("malformed multipart body: {e}"));
     let boundary = multer::parse_boundary(content_type).map_err(bad)?;
     let stream = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(body) });
@@ -147,8 +220,8 @@ async fn read_multipart(
     Ok((images, params))
 }
 
-fn read_json(bytes: &[u8]) -> Result<(Vec<Bytes>, RawParams), ApiError> {
-    let body: JsonBody = serde_json::from_slice(bytes).map_err(|e| {
+fn read_json<P: Params>(bytes: &[u8]) -> Result<(Vec<Bytes>, P), ApiError> {
+    let body: JsonBody<P> = serde_json::from_slice(bytes).map_err(|e| {
         if e.is_data() {
             ApiError::InvalidParameter(format!("invalid JSON field: {e}"))
         } else {

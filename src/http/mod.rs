@@ -5,7 +5,6 @@ mod error;
 mod handlers;
 mod input;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,62 +17,72 @@ use axum::Router;
 use subtle::ConstantTimeEq;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::Instrument;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_swagger_ui::SwaggerUi;
 
 pub use error::ApiError;
 
 use crate::service::Service;
 
 pub struct AppState {
-    pub service: Service,
+    pub service: Arc<Service>,
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
-    pub draining: AtomicBool,
-    /// Requests being handled now; the drain waits for it to reach zero.
-    pub in_flight: AtomicUsize,
 }
 
 impl AppState {
-    pub fn new(service: Service, api_key: Option<String>, max_body_bytes: usize) -> Self {
+    pub fn new(service: Arc<Service>, api_key: Option<String>, max_body_bytes: usize) -> Self {
         Self {
             service,
             api_key,
             max_body_bytes,
-            draining: AtomicBool::new(false),
-            in_flight: AtomicUsize::new(0),
         }
     }
+}
 
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
-    }
+/// The API document, made from the handlers' annotations and types.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "detectd", description = "Object detection and image classification, torchvision-exact."),
+    paths(
+        handlers::detect, handlers::classify, handlers::models,
+        handlers::healthz, handlers::readyz, handlers::metrics,
+    ),
+    components(schemas(crate::api::ErrorBody)),
+    modifiers(&BearerKey),
+)]
+pub struct ApiDoc;
 
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::SeqCst)
+/// The `api_key` security scheme: `Authorization: Bearer KEY` when the server has a key.
+struct BearerKey;
+
+impl Modify for BearerKey {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
     }
 }
 
-/// Counts a request as in flight for as long as it lives.
-struct InFlight<'a>(&'a AtomicUsize);
-
-impl<'a> InFlight<'a> {
-    fn enter(counter: &'a AtomicUsize) -> Self {
-        counter.fetch_add(1, Ordering::SeqCst);
-        Self(counter)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
+/// A constant-time comparison of a presented `authorization` value with the key.
+pub fn key_matches(presented: Option<&str>, key: &str) -> bool {
+    let given = presented
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    bool::from(given.as_bytes().ct_eq(key.as_bytes()))
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
 /// Endpoint label values are fixed, so the metric series stay bounded.
-const ENDPOINTS: [&str; 7] = [
+const ENDPOINTS: [&str; 9] = [
     "/",
+    "/openapi.json",
+    "/docs",
     "/detect",
     "/classify",
     "/v1/models",
@@ -97,6 +106,7 @@ pub fn router(state: Arc<AppState>, cors_origins: &[String]) -> Router {
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .route("/metrics", get(handlers::metrics))
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
         .fallback(handlers::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state);
@@ -129,10 +139,8 @@ async fn require_api_key(
         let given = request
             .headers()
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+            .and_then(|v| v.to_str().ok());
+        if !key_matches(given, key) {
             return Err(ApiError::Unauthorized);
         }
     }
@@ -161,7 +169,7 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
         .unwrap_or("other");
     let span = tracing::info_span!("request", id = %id, method = %request.method(), endpoint);
     let started = Instant::now();
-    let in_flight = InFlight::enter(&state.in_flight);
+    let in_flight = state.service.admission.enter();
     let mut response = next.run(request).instrument(span.clone()).await;
     drop(in_flight);
     let elapsed = started.elapsed();

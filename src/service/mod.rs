@@ -2,23 +2,30 @@
 //! the async threads, queues them for the model's worker, and waits with a deadline. The edge
 //! hands in bytes and gets plain results back; no tensor crosses it.
 
+mod admission;
 mod engines;
+mod params;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::api::{DetectionJson, PredictionJson};
 use crate::batch::{BatchConfig, Batcher, SubmitError, Timing};
 use crate::imaging::{self, ImageError};
 use crate::labels::Labels;
 use crate::metrics::Metrics;
 use crate::model::{Detection, ModelError, Prediction, Preset};
 
+pub use admission::{Admission, InFlight};
 pub use engines::{start_classifier, start_detector, ClassifierSpec, DetectorSpec};
+pub use params::{
+    ClassifyOptions, DetectOptions, DEFAULT_SCORE_THRESHOLD, DEFAULT_TOP_K, MAX_TOP_K,
+};
 
 /// What the edge reports about a loaded model.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ModelInfo {
     pub name: String,
     pub arch: String,
@@ -35,6 +42,10 @@ pub enum ServiceError {
     NotLoaded(&'static str),
     #[error("the {0} model is still loading")]
     NotReady(&'static str),
+    #[error("{0}")]
+    InvalidParameter(String),
+    #[error("the server is shutting down")]
+    Draining,
     #[error("the queue is full")]
     QueueFull,
     #[error("the request timed out")]
@@ -123,6 +134,7 @@ pub struct Service {
     pub metrics: Arc<Metrics>,
     pub max_pixels: u64,
     pub request_timeout: Duration,
+    pub admission: Admission,
 }
 
 /// One image's answer.
@@ -133,25 +145,40 @@ pub struct ImageResult<T> {
 }
 
 pub struct Answer<T> {
+    pub model: ModelInfo,
     pub results: Vec<ImageResult<T>>,
     pub timing: Timing,
 }
 
-fn join<T>(sizes: Vec<Decoded>, outputs: Vec<T>, timing: Timing) -> Answer<T> {
+fn join<O, T>(
+    model: &ModelInfo,
+    sizes: Vec<Decoded>,
+    outputs: Vec<O>,
+    timing: Timing,
+    shape: impl Fn(&O) -> T,
+) -> Answer<T> {
     let results = sizes
         .into_iter()
         .zip(outputs)
         .map(|(d, output)| ImageResult {
             width: d.width,
             height: d.height,
-            output,
+            output: shape(&output),
         })
         .collect();
-    Answer { results, timing }
+    Answer {
+        model: model.clone(),
+        results,
+        timing,
+    }
 }
 
 impl Service {
+    /// The detector, when new work is admitted and it is loaded and ready.
     pub fn detector(&self) -> Result<&DetectorServed, ServiceError> {
+        if self.admission.is_draining() {
+            return Err(ServiceError::Draining);
+        }
         let d = self
             .detector
             .as_ref()
@@ -164,6 +191,9 @@ impl Service {
     }
 
     pub fn classifier(&self) -> Result<&ClassifierServed, ServiceError> {
+        if self.admission.is_draining() {
+            return Err(ServiceError::Draining);
+        }
         let c = self
             .classifier
             .as_ref()
@@ -184,37 +214,48 @@ impl Service {
                 .is_none_or(|c| c.batcher.is_ready())
     }
 
+    /// When a request started at `started` must be answered: the server's timeout, or the
+    /// client's own when that is shorter.
+    pub fn deadline(&self, started: Instant, client_timeout: Option<Duration>) -> Instant {
+        let limit = client_timeout.map_or(self.request_timeout, |c| c.min(self.request_timeout));
+        started + limit
+    }
+
     pub async fn detect(
         &self,
         images: Vec<bytes::Bytes>,
-        score_threshold: f64,
-        started: Instant,
-    ) -> Result<Answer<Vec<Detection>>, ServiceError> {
+        options: &DetectOptions,
+        deadline: Instant,
+    ) -> Result<Answer<Vec<DetectionJson>>, ServiceError> {
         let served = self.detector()?;
-        let deadline = started + self.request_timeout;
-        let prepare =
-            move |img: &imaging::RgbImage| engines::DetectInput::new(img, score_threshold);
+        let plan = options.plan(&served.labels)?;
+        let threshold = plan.threshold;
+        let prepare = move |img: &imaging::RgbImage| engines::DetectInput::new(img, threshold);
         let (sizes, outputs, timing) = served
             .infer(images, self.max_pixels, deadline, prepare)
             .await?;
-        Ok(join(sizes, outputs, timing))
+        Ok(join(&served.info, sizes, outputs, timing, |d| {
+            plan.select(d, &served.labels)
+        }))
     }
 
     pub async fn classify(
         &self,
         images: Vec<bytes::Bytes>,
-        top_k: usize,
-        started: Instant,
-    ) -> Result<Answer<Vec<Prediction>>, ServiceError> {
+        options: &ClassifyOptions,
+        deadline: Instant,
+    ) -> Result<Answer<Vec<PredictionJson>>, ServiceError> {
         let served = self.classifier()?;
-        let deadline = started + self.request_timeout;
+        let top_k = options.top_k(served.info.num_classes)?;
         let preset = self.classifier_preset;
         let prepare =
             move |img: &imaging::RgbImage| engines::ClassifyInput::new(img, preset, top_k);
         let (sizes, outputs, timing) = served
             .infer(images, self.max_pixels, deadline, prepare)
             .await?;
-        Ok(join(sizes, outputs, timing))
+        Ok(join(&served.info, sizes, outputs, timing, |p| {
+            params::label_predictions(p, &served.labels)
+        }))
     }
 
     pub fn batch_config(&self) -> Option<BatchConfig> {

@@ -133,10 +133,38 @@ pub fn decode_file(path: &Path) -> Tensor {
         .tensor
 }
 
+/// The seeded random v1 detector that the server tests serve.
+pub fn detector_weights() -> String {
+    path_str(&tvref(
+        &data_dir().join("det_v1.pth"),
+        &[
+            "make-detector",
+            "--arch",
+            "v1",
+            "--seed",
+            "7",
+            "--weights",
+            "{out}",
+            "--frozen-eps",
+            "0.0",
+        ],
+    ))
+}
+
+/// The seeded random ResNet-50 that the server tests serve.
+pub fn classifier_weights() -> String {
+    path_str(&tvref(
+        &data_dir().join("cls.pth"),
+        &["make-classifier", "--seed", "3", "--weights", "{out}"],
+    ))
+}
+
 /// A `detectd serve` process on 127.0.0.1 with an ephemeral port; killed when dropped.
 pub struct Server {
     pub child: std::process::Child,
     pub base: String,
+    /// `http://ADDR` of the gRPC API, when started with `--grpc-addr`.
+    pub grpc: Option<String>,
     pub stderr_path: PathBuf,
 }
 
@@ -159,10 +187,18 @@ impl Server {
             .spawn()
             .expect("start detectd serve");
         let stdout = child.stdout.take().expect("stdout");
+        let mut reader = std::io::BufReader::new(stdout);
         let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read listen line");
+        reader.read_line(&mut line).expect("read listen line");
+        // The gRPC line, when there is one, comes first.
+        let grpc = line
+            .trim()
+            .strip_prefix("detectd grpc listening on ")
+            .map(|a| format!("http://{a}"));
+        if grpc.is_some() {
+            line.clear();
+            reader.read_line(&mut line).expect("read listen line");
+        }
         let base = line
             .trim()
             .strip_prefix("detectd listening on ")
@@ -175,6 +211,7 @@ impl Server {
         let server = Server {
             child,
             base: base.to_owned(),
+            grpc,
             stderr_path,
         };
         if wait_ready {

@@ -1,0 +1,257 @@
+//! The gRPC edge (tonic): `detectd.v1.Detector` from proto/, the standard health service and
+//! server reflection. Like the HTTP edge it handles bytes only and reaches the models through
+//! `service::Service`, so both share one batcher, one set of limits and one drain.
+
+mod convert;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic::{Request, Response, Status};
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use crate::service::{Service, ServiceError};
+
+/// Code generated from proto/detectd/v1/detectd.proto (server and client).
+pub mod pb {
+    tonic::include_proto!("detectd.v1");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("detectd_descriptor");
+}
+
+use pb::detector_server::{Detector, DetectorServer};
+
+/// The gRPC status table: what each service error means to a gRPC client.
+pub fn status(e: ServiceError) -> Status {
+    let message = e.to_string();
+    match e {
+        ServiceError::Image { .. } | ServiceError::InvalidParameter(_) => {
+            Status::invalid_argument(message)
+        }
+        ServiceError::NotLoaded(_) => Status::not_found(message),
+        ServiceError::NotReady(_) | ServiceError::Draining => Status::unavailable(message),
+        ServiceError::QueueFull => Status::resource_exhausted(message),
+        ServiceError::Timeout => Status::deadline_exceeded(message),
+        ServiceError::Model(m) => {
+            tracing::error!(error = %m, "internal error");
+            Status::internal("internal error")
+        }
+    }
+}
+
+pub struct DetectorApi {
+    service: Arc<Service>,
+}
+
+impl DetectorApi {
+    /// Runs one RPC: counts it as in flight (the drain waits for it), applies the client's
+    /// deadline, and records the request metrics under the method's name.
+    async fn call<T, F, Fut>(
+        &self,
+        method: &str,
+        timeout: Option<Duration>,
+        f: F,
+    ) -> Result<T, Status>
+    where
+        F: FnOnce(Arc<Service>, Instant) -> Fut,
+        Fut: Future<Output = Result<T, ServiceError>>,
+    {
+        let started = Instant::now();
+        let _in_flight = self.service.admission.enter();
+        let deadline = self.service.deadline(started, timeout);
+        let result = f(self.service.clone(), deadline).await.map_err(status);
+        let endpoint = format!("grpc:{method}");
+        let code = match &result {
+            Ok(_) => "OK".to_owned(),
+            Err(s) => format!("{:?}", s.code()),
+        };
+        let metrics = &self.service.metrics;
+        metrics
+            .requests
+            .with_label_values(&[&endpoint, &code])
+            .inc();
+        metrics
+            .request_duration
+            .with_label_values(&[&endpoint])
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+}
+
+/// The client's `grpc-timeout` (e.g. `250m`), so a request the client gave up on is dropped
+/// from the queue instead of run.
+fn client_timeout<T>(request: &Request<T>) -> Option<Duration> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[tonic::async_trait]
+impl Detector for DetectorApi {
+    async fn detect(
+        &self,
+        request: Request<pb::DetectRequest>,
+    ) -> Result<Response<pb::DetectResponse>, Status> {
+        let timeout = client_timeout(&request);
+        let r = request.into_inner();
+        let options = convert::detect_options(r.score_threshold, r.max_detections, r.labels);
+        let answer = self
+            .call("Detect", timeout, |s, deadline| async move {
+                s.detect(vec![r.image.into()], &options, deadline).await
+            })
+            .await?;
+        let first = convert::detect_responses(answer).into_iter().next();
+        first
+            .map(Response::new)
+            .ok_or_else(|| Status::internal("no result for the image"))
+    }
+
+    async fn classify(
+        &self,
+        request: Request<pb::ClassifyRequest>,
+    ) -> Result<Response<pb::ClassifyResponse>, Status> {
+        let timeout = client_timeout(&request);
+        let r = request.into_inner();
+        let options = convert::classify_options(r.top_k);
+        let answer = self
+            .call("Classify", timeout, |s, deadline| async move {
+                s.classify(vec![r.image.into()], &options, deadline).await
+            })
+            .await?;
+        let first = convert::classify_responses(answer).into_iter().next();
+        first
+            .map(Response::new)
+            .ok_or_else(|| Status::internal("no result for the image"))
+    }
+
+    async fn detect_batch(
+        &self,
+        request: Request<pb::DetectBatchRequest>,
+    ) -> Result<Response<pb::DetectBatchResponse>, Status> {
+        let timeout = client_timeout(&request);
+        let r = request.into_inner();
+        if r.images.is_empty() {
+            return Err(Status::invalid_argument("the request holds no image"));
+        }
+        let options = convert::detect_options(r.score_threshold, r.max_detections, r.labels);
+        let images = r.images.into_iter().map(Into::into).collect();
+        let answer = self
+            .call("DetectBatch", timeout, |s, deadline| async move {
+                s.detect(images, &options, deadline).await
+            })
+            .await?;
+        let results = convert::detect_responses(answer);
+        Ok(Response::new(pb::DetectBatchResponse { results }))
+    }
+
+    async fn classify_batch(
+        &self,
+        request: Request<pb::ClassifyBatchRequest>,
+    ) -> Result<Response<pb::ClassifyBatchResponse>, Status> {
+        let timeout = client_timeout(&request);
+        let r = request.into_inner();
+        if r.images.is_empty() {
+            return Err(Status::invalid_argument("the request holds no image"));
+        }
+        let options = convert::classify_options(r.top_k);
+        let images = r.images.into_iter().map(Into::into).collect();
+        let answer = self
+            .call("ClassifyBatch", timeout, |s, deadline| async move {
+                s.classify(images, &options, deadline).await
+            })
+            .await?;
+        let results = convert::classify_responses(answer);
+        Ok(Response::new(pb::ClassifyBatchResponse { results }))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        Ok(Response::new(convert::models(&self.service)))
+    }
+}
+
+/// Refuses calls without the API key (as `authorization: Bearer KEY` metadata).
+fn check_key(key: Option<String>) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |request: Request<()>| match &key {
+        None => Ok(request),
+        Some(key) => {
+            let given = request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok());
+            if crate::http::key_matches(given, key) {
+                Ok(request)
+            } else {
+                Err(Status::unauthenticated("missing or invalid API key"))
+            }
+        }
+    }
+}
+
+/// Keeps the health service in step with the server: SERVING once every model is ready,
+/// NOT_SERVING before that and from the moment a drain starts.
+async fn track_health(service: Arc<Service>, reporter: HealthReporter) {
+    let mut last = None;
+    loop {
+        let serving = service.ready() && !service.admission.is_draining();
+        if last != Some(serving) {
+            let status = if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            for name in ["", "detectd.v1.Detector"] {
+                reporter.set_service_status(name, status).await;
+            }
+            last = Some(serving);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub struct GrpcConfig {
+    pub api_key: Option<String>,
+    pub max_message_bytes: usize,
+}
+
+/// Serves gRPC on `listener` until `shutdown` resolves; calls in flight then finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    service: Arc<Service>,
+    config: GrpcConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let tracker = tokio::spawn(track_health(service.clone(), reporter));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let detector = DetectorServer::new(DetectorApi { service })
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    let detector =
+        tonic::service::interceptor::InterceptedService::new(detector, check_key(config.api_key));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(detector)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    tracker.abort();
+    Ok(result?)
+}

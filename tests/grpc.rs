@@ -1,0 +1,451 @@
+//! The gRPC API, called by a client generated from proto/ against the real binary: every RPC
+//! (answers equal to the HTTP API's), health, reflection, and each error code.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use detectd::grpc::pb;
+use pb::detector_client::DetectorClient;
+use serde_json::Value;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// Cheap for the detector: 40×1000 is resized to about 53×1333.
+const SKINNY: &str = "skinny.png:40x1000:RGB";
+const PHOTO: &str = "c375x500.png:375x500:RGB";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().expect("tokio runtime")
+}
+
+fn grpc_server(args: &[&str], wait_ready: bool) -> Server {
+    let mut all = vec!["--grpc-addr", "127.0.0.1:0", "--warmup-images", "0"];
+    all.extend_from_slice(args);
+    let server = Server::start(&all, wait_ready);
+    assert!(server.grpc.is_some(), "no gRPC address printed");
+    server
+}
+
+async fn detector(server: &Server) -> DetectorClient<Channel> {
+    let url = server.grpc.clone().expect("grpc address");
+    DetectorClient::connect(url)
+        .await
+        .expect("connect")
+        .max_decoding_message_size(64 << 20)
+}
+
+async fn health(server: &Server) -> ServingStatus {
+    let url = server.grpc.clone().expect("grpc address");
+    let mut client = HealthClient::new(channel(url).await);
+    let r = client
+        .check(HealthCheckRequest {
+            service: "detectd.v1.Detector".into(),
+        })
+        .await
+        .expect("health check");
+    r.into_inner().status()
+}
+
+async fn channel(url: String) -> Channel {
+    Channel::from_shared(url)
+        .expect("grpc url")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+fn bytes(p: &std::path::Path) -> Vec<u8> {
+    std::fs::read(p).expect("read image")
+}
+
+fn http_json(server: &Server, path: &str, image: Vec<u8>) -> Value {
+    reqwest::blocking::Client::new()
+        .post(server.url(path))
+        .header("content-type", "image/png")
+        .body(image)
+        .timeout(Duration::from_secs(300))
+        .send()
+        .expect("POST")
+        .json()
+        .expect("JSON")
+}
+
+fn assert_detections_match(grpc: &pb::DetectResponse, http: &Value) {
+    assert_eq!(u64::from(grpc.width), http["width"].as_u64().unwrap_or(0));
+    let dets = http["detections"].as_array().expect("detections");
+    assert_eq!(grpc.detections.len(), dets.len());
+    assert!(!dets.is_empty(), "no detection to compare");
+    for (g, h) in grpc.detections.iter().zip(dets) {
+        // JSON carries the shortest decimal that reads back as the same f32.
+        let b: Vec<f32> = h["box"]
+            .as_array()
+            .expect("box")
+            .iter()
+            .filter_map(|v| v.as_f64().map(|v| v as f32))
+            .collect();
+        assert_eq!(vec![g.x1, g.y1, g.x2, g.y2], b, "box");
+        assert_eq!(g.score, h["score"].as_f64().unwrap_or(-1.0) as f32);
+        assert_eq!(i64::from(g.label_id), h["label_id"].as_i64().unwrap_or(-1));
+        assert_eq!(g.label, h["label"].as_str().unwrap_or(""));
+    }
+}
+
+#[test]
+fn every_rpc_answers_as_the_http_api_does() {
+    let imgs = images(&[SKINNY, PHOTO]);
+    let server = grpc_server(
+        &[
+            "--detector-weights",
+            &detector_weights(),
+            "--classifier-weights",
+            &classifier_weights(),
+        ],
+        true,
+    );
+    let http_det = http_json(&server, "/detect?score_threshold=0", bytes(&imgs[0]));
+    let http_cls = http_json(&server, "/classify?top_k=3", bytes(&imgs[1]));
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = detector(&server).await;
+        let det = c
+            .detect(pb::DetectRequest {
+                image: bytes(&imgs[0]),
+                score_threshold: 1e-9,
+                ..Default::default()
+            })
+            .await
+            .expect("Detect")
+            .into_inner();
+        assert_eq!((det.width, det.height), (1000, 40));
+        assert_detections_match(&det, &http_det["results"][0]);
+
+        // max_detections and labels filter as in HTTP.
+        let label = det.detections[0].label.clone();
+        let few = c
+            .detect(pb::DetectRequest {
+                image: bytes(&imgs[0]),
+                score_threshold: 1e-9,
+                max_detections: 2,
+                labels: vec![label.clone()],
+            })
+            .await
+            .expect("Detect with options")
+            .into_inner();
+        assert!(!few.detections.is_empty() && few.detections.len() <= 2);
+        assert!(few.detections.iter().all(|d| d.label == label));
+
+        let batch = c
+            .detect_batch(pb::DetectBatchRequest {
+                images: vec![bytes(&imgs[0]), bytes(&imgs[0])],
+                score_threshold: 1e-9,
+                ..Default::default()
+            })
+            .await
+            .expect("DetectBatch")
+            .into_inner();
+        assert_eq!(batch.results.len(), 2);
+        for r in &batch.results {
+            assert_detections_match(r, &http_det["results"][0]);
+        }
+
+        let cls = c
+            .classify(pb::ClassifyRequest {
+                image: bytes(&imgs[1]),
+                top_k: 3,
+            })
+            .await
+            .expect("Classify")
+            .into_inner();
+        let http_preds = http_cls["results"][0]["predictions"]
+            .as_array()
+            .expect("predictions");
+        assert_eq!(cls.predictions.len(), 3);
+        for (g, h) in cls.predictions.iter().zip(http_preds) {
+            assert_eq!(i64::from(g.label_id), h["label_id"].as_i64().unwrap_or(-1));
+            assert_eq!(g.score, h["score"].as_f64().unwrap_or(-1.0) as f32);
+        }
+        let default_k = c
+            .classify_batch(pb::ClassifyBatchRequest {
+                images: vec![bytes(&imgs[1]), bytes(&imgs[0])],
+                top_k: 0,
+            })
+            .await
+            .expect("ClassifyBatch")
+            .into_inner();
+        assert_eq!(default_k.results.len(), 2);
+        assert_eq!(
+            default_k.results[0].predictions.len(),
+            5,
+            "0 means the default"
+        );
+        assert_eq!(
+            (default_k.results[1].width, default_k.results[1].height),
+            (1000, 40)
+        );
+
+        let models = c
+            .list_models(pb::ListModelsRequest {})
+            .await
+            .expect("ListModels")
+            .into_inner()
+            .models;
+        let names: Vec<(&str, &str, u32, bool)> = models
+            .iter()
+            .map(|m| (m.name.as_str(), m.rpc.as_str(), m.num_classes, m.ready))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("detector", "Detect", 91, true),
+                ("classifier", "Classify", 1000, true)
+            ]
+        );
+        assert_eq!(health(&server).await, ServingStatus::Serving);
+        assert!(reflected_services(&server)
+            .await
+            .contains(&"detectd.v1.Detector".to_owned()));
+    });
+    let metrics = server.metrics();
+    assert!(
+        metrics.contains(r#"detectd_requests_total{endpoint="grpc:Detect",status="OK"}"#),
+        "{metrics}"
+    );
+}
+
+async fn reflected_services(server: &Server) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let url = server.grpc.clone().expect("grpc address");
+    let mut client = ServerReflectionClient::new(channel(url).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    match stream.message().await.expect("reflection answer") {
+        Some(r) => match r.message_response {
+            Some(MessageResponse::ListServicesResponse(l)) => {
+                l.service.into_iter().map(|s| s.name).collect()
+            }
+            other => panic!("unexpected reflection answer {other:?}"),
+        },
+        None => panic!("no reflection answer"),
+    }
+}
+
+fn code_of<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    match r {
+        Ok(ok) => panic!("expected an error, got {ok:?}"),
+        Err(status) => {
+            assert!(!status.message().is_empty(), "{status:?} has no message");
+            status.code()
+        }
+    }
+}
+
+#[test]
+fn bad_input_missing_models_and_full_queues_have_their_codes() {
+    let imgs = images(&[SKINNY]);
+    let server = grpc_server(
+        &[
+            "--detector-weights",
+            &detector_weights(),
+            "--max-queue",
+            "1",
+            "--max-batch-size",
+            "1",
+        ],
+        true,
+    );
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = detector(&server).await;
+        let bad = |image: Vec<u8>, score_threshold: f32, labels: Vec<String>| pb::DetectRequest {
+            image,
+            score_threshold,
+            labels,
+            ..Default::default()
+        };
+        let image = bytes(&imgs[0]);
+        for (what, request) in [
+            ("garbage bytes", bad(b"not an image".to_vec(), 0.0, vec![])),
+            ("empty image", bad(vec![], 0.0, vec![])),
+            ("threshold 2", bad(image.clone(), 2.0, vec![])),
+            (
+                "unknown label",
+                bad(image.clone(), 0.0, vec!["unicorn".into()]),
+            ),
+        ] {
+            assert_eq!(
+                code_of(c.detect(request).await),
+                Code::InvalidArgument,
+                "{what}"
+            );
+        }
+        let empty = pb::DetectBatchRequest::default();
+        assert_eq!(code_of(c.detect_batch(empty).await), Code::InvalidArgument);
+        let classify = pb::ClassifyRequest {
+            image: image.clone(),
+            top_k: 1,
+        };
+        assert_eq!(code_of(c.classify(classify).await), Code::NotFound);
+
+        // One image runs, one waits in the queue of 1; the rest are refused at once.
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let mut c = c.clone();
+                let image = image.clone();
+                tokio::spawn(async move {
+                    let r = c.detect(bad(image, 0.0, vec![])).await;
+                    r.map(|_| ()).map_err(|s| s.code())
+                })
+            })
+            .collect();
+        let mut codes = Vec::new();
+        for call in calls {
+            codes.push(call.await.expect("task"));
+        }
+        assert!(codes.contains(&Ok(())), "{codes:?}");
+        assert!(codes.contains(&Err(Code::ResourceExhausted)), "{codes:?}");
+        assert!(
+            codes
+                .iter()
+                .all(|c| matches!(c, Ok(()) | Err(Code::ResourceExhausted))),
+            "{codes:?}"
+        );
+    });
+}
+
+#[test]
+fn deadlines_and_the_api_key_have_their_codes() {
+    let imgs = images(&[PHOTO]);
+    let server = grpc_server(
+        &[
+            "--classifier-weights",
+            &classifier_weights(),
+            "--request-timeout-ms",
+            "1",
+            "--api-key",
+            "k3y",
+        ],
+        true,
+    );
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = detector(&server).await;
+        let call = |key: Option<&str>| {
+            let mut r = Request::new(pb::ClassifyRequest {
+                image: bytes(&imgs[0]),
+                top_k: 1,
+            });
+            if let Some(k) = key {
+                let value = format!("Bearer {k}").parse().expect("metadata value");
+                r.metadata_mut().insert("authorization", value);
+            }
+            r
+        };
+        assert_eq!(code_of(c.classify(call(None)).await), Code::Unauthenticated);
+        assert_eq!(
+            code_of(c.classify(call(Some("nope"))).await),
+            Code::Unauthenticated
+        );
+        let models = c.list_models(pb::ListModelsRequest {}).await;
+        assert_eq!(code_of(models), Code::Unauthenticated);
+        // The key admits the call; 1 ms is too short for any image.
+        assert_eq!(
+            code_of(c.classify(call(Some("k3y"))).await),
+            Code::DeadlineExceeded
+        );
+        // Health stays open, as /healthz does.
+        assert_eq!(health(&server).await, ServingStatus::Serving);
+    });
+}
+
+#[test]
+fn a_drain_turns_health_off_refuses_new_calls_and_finishes_running_ones() {
+    let imgs = images(&[PHOTO]);
+    let mut server = grpc_server(
+        &[
+            "--classifier-weights",
+            &classifier_weights(),
+            "--max-batch-size",
+            "1",
+        ],
+        true,
+    );
+    let rt = runtime();
+    rt.block_on(async {
+        let c = detector(&server).await;
+        let running: Vec<_> = (0..8)
+            .map(|_| {
+                let mut c = c.clone();
+                let image = bytes(&imgs[0]);
+                tokio::spawn(
+                    async move { c.classify(pb::ClassifyRequest { image, top_k: 1 }).await },
+                )
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let pid = server.child.id().to_string();
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        assert!(killed.expect("kill").success());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(health(&server).await, ServingStatus::NotServing);
+        let late = c
+            .clone()
+            .classify(pb::ClassifyRequest {
+                image: bytes(&imgs[0]),
+                top_k: 1,
+            })
+            .await;
+        assert_eq!(code_of(late), Code::Unavailable);
+        for call in running {
+            call.await
+                .expect("task")
+                .expect("an in-flight call finishes");
+        }
+    });
+    let status = server.child.wait().expect("wait for exit");
+    assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
+}
+
+#[test]
+fn calls_before_the_model_is_ready_are_unavailable() {
+    let imgs = images(&[PHOTO]);
+    // A long warm-up keeps the model loading while the first call arrives.
+    let weights = classifier_weights();
+    let args = [
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--classifier-weights",
+        &weights,
+    ];
+    let server = Server::start(&[&args[..], &["--warmup-images", "16"]].concat(), false);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = detector(&server).await;
+        let early = c
+            .classify(pb::ClassifyRequest {
+                image: bytes(&imgs[0]),
+                top_k: 1,
+            })
+            .await;
+        assert_eq!(code_of(early), Code::Unavailable);
+        assert_eq!(health(&server).await, ServingStatus::NotServing);
+    });
+    server.wait_ready();
+    rt.block_on(async { assert_eq!(health(&server).await, ServingStatus::Serving) });
+}
