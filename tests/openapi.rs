@@ -37,6 +37,7 @@ fn the_document_lists_every_route_and_docs_render_it() {
         ("/healthz", "get"),
         ("/readyz", "get"),
         ("/metrics", "get"),
+        ("/", "get"),
     ] {
         assert!(paths[path][method].is_object(), "{method} {path} missing");
     }

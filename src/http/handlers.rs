@@ -252,12 +252,15 @@ fn status(s: &str) -> Json<StatusBody> {
     Json(StatusBody { status: s.into() })
 }
 
-/// Liveness: the process answers.
 /// The demo page: static HTML that calls /detect and /classify like any other client.
+#[utoipa::path(get, path = "/", tag = "operations", responses(
+    (status = 200, description = "A self-contained page to try the models", body = String, content_type = "text/html"),
+))]
 pub async fn page() -> Html<&'static str> {
     Html(include_str!("page/index.html"))
 }
 
+/// Liveness: the process answers.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
     responses((status = 200, description = "Alive", body = StatusBody)))]
 pub async fn healthz() -> Json<StatusBody> {

@@ -47,7 +47,7 @@ impl AppState {
     info(title = "detectd", description = "Object detection and image classification, torchvision-exact."),
     paths(
         handlers::detect, handlers::classify, handlers::models,
-        handlers::healthz, handlers::readyz, handlers::metrics,
+        handlers::healthz, handlers::readyz, handlers::metrics, handlers::page,
     ),
     components(schemas(crate::api::ErrorBody)),
     modifiers(&BearerKey),
