@@ -37,23 +37,6 @@ fn read_json(path: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(path).expect("read JSON")).expect("JSON")
 }
 
-fn detector_weights() -> String {
-    path_str(&tvref(
-        &data_dir().join("det_v1.pth"),
-        &[
-            "make-detector",
-            "--arch",
-            "v1",
-            "--seed",
-            "7",
-            "--weights",
-            "{out}",
-            "--frozen-eps",
-            "0.0",
-        ],
-    ))
-}
-
 #[test]
 fn coco_results_load_in_pycocotools_and_match_the_json_lines() {
     let imgs = images(&["k40x300.png:40x300:RGB", "k50x300.png:50x300:RGB"]);

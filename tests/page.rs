@@ -12,24 +12,11 @@ use serde_json::Value;
 #[test]
 fn the_page_draws_boxes_and_lists_them() {
     let img = &images(&["p120x400.png:120x400:RGB"])[0];
-    let weights = tvref(
-        &data_dir().join("det_v1.pth"),
-        &[
-            "make-detector",
-            "--arch",
-            "v1",
-            "--seed",
-            "7",
-            "--weights",
-            "{out}",
-            "--frozen-eps",
-            "0.0",
-        ],
-    );
+    let weights = detector_weights();
     let server = Server::start(
         &[
             "--detector-weights",
-            &path_str(&weights),
+            &weights,
             "--warmup-images",
             "0",
             "--api-key",

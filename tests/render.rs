@@ -9,23 +9,6 @@ use common::*;
 use reqwest::blocking::{multipart, Client};
 use serde_json::Value;
 
-fn detector_weights() -> String {
-    path_str(&tvref(
-        &data_dir().join("det_v1.pth"),
-        &[
-            "make-detector",
-            "--arch",
-            "v1",
-            "--seed",
-            "7",
-            "--weights",
-            "{out}",
-            "--frozen-eps",
-            "0.0",
-        ],
-    ))
-}
-
 fn client() -> Client {
     Client::builder()
         .timeout(Duration::from_secs(300))
