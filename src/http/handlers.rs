@@ -24,7 +24,6 @@ use crate::api::{
 };
 use crate::batch::Timing;
 use crate::render;
-use crate::service::{Service, ServiceError};
 
 fn query_params<P>(query: Result<Query<P>, QueryRejection>) -> Result<P, ApiError> {
     query
@@ -81,15 +80,6 @@ async fn rendered(
     Ok(([(header::CONTENT_TYPE, format.content_type())], encoded).into_response())
 }
 
-/// New work is refused while draining, and the model must be loaded and ready; both are
-/// judged before the body is read.
-fn accept<'s, M>(
-    state: &'s AppState,
-    model: impl FnOnce(&'s Service) -> Result<M, ServiceError>,
-) -> Result<M, ApiError> {
-    Ok(model(&state.service)?)
-}
-
 async fn read_body<P: Params>(
     state: &AppState,
     query: Result<Query<P>, QueryRejection>,
@@ -127,7 +117,8 @@ pub async fn detect(
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    accept(&state, |s| s.detector())?;
+    // Draining, a missing or a loading model are refused before the body is read.
+    state.service.detector()?;
     let (images, mut params) = read_body(&state, query, &headers, body).await?;
     let render = render_format(params.render.take().as_deref(), images.len())?;
     // Bytes clones share the buffer; kept only when the image is to be drawn.
@@ -182,7 +173,7 @@ pub async fn classify(
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    accept(&state, |s| s.classifier())?;
+    state.service.classifier()?;
     let (images, params) = read_body(&state, query, &headers, body).await?;
     let deadline = state.service.deadline(started, None);
     let answer = state

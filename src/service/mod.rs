@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::api::{DetectionJson, PredictionJson};
-use crate::batch::{BatchConfig, Batcher, SubmitError, Timing};
+use crate::batch::{Batcher, SubmitError, Timing};
 use crate::imaging::{self, ImageError};
 use crate::labels::Labels;
 use crate::metrics::Metrics;
@@ -254,14 +254,7 @@ impl Service {
             .infer(images, self.max_pixels, deadline, prepare)
             .await?;
         Ok(join(&served.info, sizes, outputs, timing, |p| {
-            params::label_predictions(p, &served.labels)
+            crate::api::predictions_json(p, &served.labels)
         }))
-    }
-
-    pub fn batch_config(&self) -> Option<BatchConfig> {
-        self.detector
-            .as_ref()
-            .map(|d| d.batcher.config())
-            .or_else(|| self.classifier.as_ref().map(|c| c.batcher.config()))
     }
 }

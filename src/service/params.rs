@@ -4,10 +4,10 @@
 use std::collections::HashSet;
 
 use super::ServiceError;
-use crate::api::{DetectionJson, PredictionJson};
+use crate::api::DetectionJson;
 use crate::labels::Labels;
 use crate::model::detector::MAX_DETECTIONS;
-use crate::model::{Detection, Prediction};
+use crate::model::Detection;
 
 pub const DEFAULT_SCORE_THRESHOLD: f64 = 0.05;
 pub const DEFAULT_TOP_K: i64 = 5;
@@ -119,8 +119,4 @@ impl ClassifyOptions {
         let k = in_range("top_k", self.top_k, DEFAULT_TOP_K, 1, MAX_TOP_K)?;
         Ok(k.min(num_classes) as usize)
     }
-}
-
-pub(crate) fn label_predictions(preds: &[Prediction], labels: &Labels) -> Vec<PredictionJson> {
-    crate::api::predictions_json(preds, labels)
 }
