@@ -4,6 +4,7 @@
 //! (queue and worker thread, model-agnostic) → `service` (decode, queue, wait) → `http`
 //! (axum edge, no tensors) and `cli`.
 
+pub mod alloc;
 pub mod api;
 pub mod batch;
 pub mod cli;
