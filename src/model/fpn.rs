@@ -45,10 +45,10 @@ impl Fpn {
         let mut last = self.inner_blocks[top].forward(&xs[top]);
         let mut outs = vec![self.layer_blocks[top].forward(&last)];
         for i in (0..top).rev() {
-            let lateral = self.inner_blocks[i].forward(&xs[i]);
+            let mut lateral = self.inner_blocks[i].forward(&xs[i]);
             let size = &lateral.size()[2..];
             let top_down = last.upsample_nearest2d(size, None, None);
-            last = lateral + top_down;
+            last = lateral.g_add_(&top_down);
             outs.insert(0, self.layer_blocks[i].forward(&last));
         }
         let pool = outs[top].max_pool2d([1, 1], [2, 2], [0, 0], [1, 1], false);

@@ -222,9 +222,12 @@ impl Norm {
         };
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
+    /// Normalizes `x` in place where the op allows it (the caller hands over a tensor it owns,
+    /// a conv's fresh output); the same element-wise ops as torchvision's, so the same bits,
+    /// without allocating and writing two more tensors of the conv's size.
+    pub fn forward(&self, mut x: Tensor) -> Tensor {
         match self {
-            Norm::Frozen { scale, shift } => x * scale + shift,
+            Norm::Frozen { scale, shift } => x.g_mul_(scale).g_add_(shift),
             Norm::Batch {
                 weight,
                 bias,
@@ -285,7 +288,7 @@ impl ConvNorm {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let y = self.conv.forward(x);
         match &self.norm {
-            Some(n) => n.forward(&y),
+            Some(n) => n.forward(y),
             None => y,
         }
     }

@@ -55,7 +55,7 @@ impl RpnHead {
         for f in features {
             let mut t = f.shallow_clone();
             for conv in &self.convs {
-                t = conv.forward(&t).relu();
+                t = conv.forward(&t).relu_();
             }
             let n = f.size()[0];
             // Scores and deltas leave the head in f32: decoding and top-k need it.

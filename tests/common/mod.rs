@@ -120,6 +120,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 pub fn assert_close(what: &str, ours: &Tensor, theirs: &Tensor, tol: f64) {
     let d = max_abs_diff(ours, theirs);
+    eprintln!("{what}: max |detectd - torchvision| = {d:e}");
     assert!(
         d <= tol,
         "{what}: max |detectd - torchvision| = {d:e} > {tol:e}"
