@@ -3,7 +3,6 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    detectd::alloc::tune_for_tensors();
     let cli = detectd::cli::Cli::parse();
     match detectd::cli::run(cli) {
         Ok(code) => code,

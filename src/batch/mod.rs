@@ -23,6 +23,13 @@ pub trait Engine: 'static {
     type Output: Send + 'static;
     /// One output per input, in order.
     fn run(&mut self, inputs: Vec<Self::Input>) -> Result<Vec<Self::Output>, ModelError>;
+
+    /// Most images worth gathering into one run. An engine that runs images one by one
+    /// anyway says 1, so that no job waits for the rest of a batch to be answered (one job
+    /// with several images still runs whole).
+    fn max_images_per_run(&self) -> usize {
+        usize::MAX
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -49,6 +56,9 @@ pub enum SubmitError {
     #[error("the model worker has stopped")]
     Closed,
 }
+
+/// How long a worker waits without jobs before returning freed memory.
+const IDLE: Duration = Duration::from_secs(1);
 
 struct Job<I, O> {
     inputs: Vec<I>,
@@ -180,10 +190,25 @@ struct Worker<I, O> {
 
 impl<I, O> Worker<I, O> {
     fn serve<E: Engine<Input = I, Output = O>>(mut self, mut engine: E) {
+        let limit = engine.max_images_per_run().max(1);
+        self.config.max_batch_size = self.config.max_batch_size.min(limit);
         while let Some(batch) = self.next_batch() {
             self.run(&mut engine, batch);
         }
         tracing::info!(model = %self.name, "queue drained, worker stopped");
+    }
+
+    /// Blocks for the next job; after a quiet second, first returns the freed memory of the
+    /// last burst to the OS (it is kept while jobs keep coming, see `alloc`).
+    fn wait_for_job(&self) -> Option<Job<I, O>> {
+        match self.rx.recv_timeout(IDLE) {
+            Ok(job) => Some(job),
+            Err(RecvTimeoutError::Disconnected) => None,
+            Err(RecvTimeoutError::Timeout) => {
+                crate::alloc::release_free_memory();
+                self.rx.recv().ok()
+            }
+        }
     }
 
     /// Blocks for the first live job, then gathers more until the batch is full or the delay
@@ -191,7 +216,7 @@ impl<I, O> Worker<I, O> {
     fn next_batch(&mut self) -> Option<Vec<Job<I, O>>> {
         let first = match self.carried.take() {
             Some(job) => job,
-            None => self.rx.recv().ok()?,
+            None => self.wait_for_job()?,
         };
         let until = Instant::now() + self.config.max_batch_delay;
         let mut images = first.inputs.len();
@@ -358,6 +383,45 @@ mod tests {
                 vec![2 * i, 2 * (10 + i)]
             );
         }
+    }
+
+    /// Records how many images each run got; runs images one by one.
+    struct OneByOne(Arc<std::sync::Mutex<Vec<usize>>>);
+
+    impl Engine for OneByOne {
+        type Input = i32;
+        type Output = i32;
+        fn run(&mut self, inputs: Vec<i32>) -> Result<Vec<i32>, ModelError> {
+            std::thread::sleep(Duration::from_millis(20));
+            self.0.lock().expect("runs").push(inputs.len());
+            Ok(inputs)
+        }
+        fn max_images_per_run(&self) -> usize {
+            1
+        }
+    }
+
+    #[test]
+    fn an_engine_that_runs_images_one_by_one_gets_one_job_per_run() {
+        let runs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let config = BatchConfig {
+            max_batch_size: 8,
+            max_batch_delay: Duration::from_millis(200),
+            max_queue: 16,
+        };
+        let engine = OneByOne(runs.clone());
+        let (b, started, _handle) =
+            Batcher::spawn("one", config, Arc::new(Metrics::new()), move || Ok(engine));
+        assert!(started.blocking_recv().expect("started").is_ok());
+        let jobs = [vec![1], vec![2, 3], vec![4], vec![5]];
+        let rxs: Vec<_> = jobs
+            .iter()
+            .map(|j| b.submit(j.clone(), far()).expect("submit"))
+            .collect();
+        for (rx, job) in rxs.into_iter().zip(&jobs) {
+            assert_eq!(&rx.blocking_recv().expect("reply").expect("ok").0, job);
+        }
+        assert_eq!(*runs.lock().expect("runs"), vec![1, 2, 1, 1]);
     }
 
     #[test]

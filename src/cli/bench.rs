@@ -62,6 +62,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
                 compute,
             };
             let model = FasterRcnn::load(&args.weights, &config)?;
+            crate::alloc::tune_for_tensors();
             Box::new(move || {
                 let prepared: Vec<_> = images.iter().map(prepare_detector).collect();
                 let requests = DetectRequest::each(&prepared, 0.05);
@@ -71,6 +72,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         }
         BenchModel::Classifier => {
             let model = Classifier::load(&args.weights, device, compute)?;
+            crate::alloc::tune_for_tensors();
             Box::new(move || {
                 let prepared: Vec<_> = images
                     .iter()

@@ -411,6 +411,7 @@ fn detect(args: DetectArgs) -> anyhow::Result<ExitCode> {
         compute,
     };
     let model = FasterRcnn::load(&resolve_weights(&args.weights, &args.cache)?, &config)?;
+    crate::alloc::tune_for_tensors();
     let labels = Labels::for_model(args.labels.as_deref(), model.num_classes, Labels::coco)?;
     let failed = for_each_image(
         &args.batch,
@@ -440,6 +441,7 @@ fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
         device,
         compute,
     )?;
+    crate::alloc::tune_for_tensors();
     let labels = Labels::for_model(args.labels.as_deref(), model.num_classes, Labels::imagenet)?;
     let resize = args.preset.resize();
     let failed = for_each_image(

@@ -126,7 +126,7 @@ fn init_logging(format: LogFormat) {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
     init_logging(args.log_format);
-    tracing::info!(config = %args.redacted(), malloc = ?crate::alloc::tuning(), "starting");
+    tracing::info!(config = %args.redacted(), "starting");
     if let Some(n) = args.threads {
         tch::set_num_threads(n);
     }

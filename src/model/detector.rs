@@ -52,8 +52,8 @@ pub struct FasterRcnn {
     /// Most images of one padded size that share a forward pass. On the CPU a batched pass
     /// is no faster than one image at a time and holds that many times the activations
     /// (measured at 800×1216, fp32, 2 threads: batch 4 took 17.0 s against 4 × 3.2 s), so
-    /// the CPU runs images one by one; a GPU runs whole groups. Results are the same either
-    /// way (batch invariance, tested).
+    /// the CPU runs images one by one (and the server's batcher hands it one job at a time);
+    /// a GPU runs whole groups. Results are the same either way (batch invariance, tested).
     pub images_per_forward: usize,
     body: ResNetBody,
     fpn: Fpn,

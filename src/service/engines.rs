@@ -66,6 +66,12 @@ impl Engine for DetectorEngine {
             .collect();
         self.0.detect(&requests)
     }
+
+    /// On the CPU the detector runs images one pass each, so a batch would only hold the
+    /// first answers back until the last image is done.
+    fn max_images_per_run(&self) -> usize {
+        self.0.images_per_forward
+    }
 }
 
 struct ClassifierEngine(Classifier);
@@ -182,6 +188,8 @@ fn spawn_warm<E: Engine + Send>(
 ) -> Started<E::Input, E::Output> {
     let name = info.name.clone();
     let (batcher, started, handle) = Batcher::spawn(&name, batch, metrics, move || {
+        let malloc = crate::alloc::tune_for_tensors();
+        tracing::info!(?malloc, "weights loaded, warming up");
         if warm > 0 {
             let img = warmup_image();
             engine.run((0..warm).map(|_| input(&img)).collect())?;
