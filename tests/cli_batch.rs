@@ -146,18 +146,14 @@ fn coco_results_load_in_pycocotools_and_match_the_json_lines() {
     let script = "import sys\nfrom pycocotools.coco import COCO\n\
                   gt = COCO(sys.argv[1])\ndt = gt.loadRes(sys.argv[2])\n\
                   print(len(gt.getImgIds()), len(dt.getAnnIds()), len(gt.getCatIds()))";
-    let out = Command::new(python())
-        .args(["-c", script])
-        .arg(out_dir.join("res.images.json"))
-        .arg(&results)
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "pycocotools: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let counts = String::from_utf8_lossy(&out.stdout);
+    let images_json = out_dir.join("res.images.json");
+    let args = [
+        std::ffi::OsStr::new("-c"),
+        script.as_ref(),
+        images_json.as_os_str(),
+        results.as_os_str(),
+    ];
+    let counts = run_python("pycocotools", &args, &[]);
     assert_eq!(
         counts.lines().last(),
         Some(format!("2 {} 80", expected.len()).as_str()),

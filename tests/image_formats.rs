@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 use detectd::imaging::{decode, ImageError};
 use tch::Kind;
@@ -12,16 +10,8 @@ use tch::Kind;
 fn make_formats() -> std::path::PathBuf {
     let dir = data_dir().join("formats");
     if !dir.join("rotated.jpg.expected.png").exists() {
-        let out = Command::new(python())
-            .arg(root().join("tests/support/formats.py"))
-            .arg(&dir)
-            .output()
-            .expect("run formats.py");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let script = root().join("tests/support/formats.py");
+        run_python("formats.py", &[script.as_os_str(), dir.as_os_str()], &[]);
     }
     dir
 }

@@ -26,6 +26,26 @@ pub fn data_dir() -> PathBuf {
 
 static GENERATE: Mutex<()> = Mutex::new(());
 
+/// Runs the project's Python with `args` (and `env`), failing the test with its stderr when it
+/// fails; returns its stdout.
+pub fn run_python<S: AsRef<std::ffi::OsStr>>(
+    what: &str,
+    args: &[S],
+    env: &[(&str, &str)],
+) -> String {
+    let out = Command::new(python())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("run {what} (did scripts/setup run?): {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Runs tvref.py with `args` unless `output` exists already (a cache shared across tests;
 /// outputs are written under a temporary name and renamed, so a half-written file never counts).
 pub fn tvref(output: &Path, args: &[&str]) -> PathBuf {
@@ -37,26 +57,20 @@ pub fn tvref(output: &Path, args: &[&str]) -> PathBuf {
         "partial.{}",
         output.extension().and_then(|e| e.to_str()).unwrap_or("bin")
     ));
-    let args: Vec<String> = args
-        .iter()
-        .map(|a| {
+    let script = root().join("tests/support/tvref.py").display().to_string();
+    let args: Vec<String> = std::iter::once(script)
+        .chain(args.iter().map(|a| {
             if *a == "{out}" {
                 partial.display().to_string()
             } else {
                 a.to_string()
             }
-        })
+        }))
         .collect();
-    let out = Command::new(python())
-        .arg(root().join("tests/support/tvref.py"))
-        .args(&args)
-        .env("TVREF_THREADS", "2")
-        .output()
-        .expect("run tvref.py (did scripts/setup run?)");
-    assert!(
-        out.status.success(),
-        "tvref.py {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_python(
+        &format!("tvref.py {:?}", &args[1..]),
+        &args,
+        &[("TVREF_THREADS", "2")],
     );
     if partial.exists() {
         std::fs::rename(&partial, output).expect("rename tvref output");
@@ -75,20 +89,11 @@ pub fn images(specs: &[&str]) -> Vec<PathBuf> {
         .collect();
     if !missing.is_empty() {
         let _lock = GENERATE.lock().unwrap_or_else(|e| e.into_inner());
-        let mut args = vec!["images", "--out-dir"];
+        let script = root().join("tests/support/tvref.py").display().to_string();
         let d = dir.display().to_string();
-        args.push(&d);
+        let mut args = vec![script.as_str(), "images", "--out-dir", &d];
         args.extend(missing.iter());
-        let out = Command::new(python())
-            .arg(root().join("tests/support/tvref.py"))
-            .args(&args)
-            .output()
-            .expect("run tvref.py images");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_python("tvref.py images", &args, &[]);
     }
     specs
         .iter()
