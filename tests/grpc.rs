@@ -28,7 +28,22 @@ fn grpc_server(args: &[&str], wait_ready: bool) -> Server {
     all.extend_from_slice(args);
     let server = Server::start(&all, wait_ready);
     assert!(server.grpc.is_some(), "no gRPC address printed");
+    if wait_ready {
+        runtime().block_on(wait_serving(&server));
+    }
     server
+}
+
+/// gRPC health follows readiness by polling (every 50 ms), so it may still say NOT_SERVING
+/// just after /readyz turned 200: wait for it to catch up.
+async fn wait_serving(server: &Server) {
+    for _ in 0..200 {
+        if health(server).await == ServingStatus::Serving {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("gRPC health never turned SERVING");
 }
 
 async fn detector(server: &Server) -> DetectorClient<Channel> {
@@ -447,5 +462,5 @@ fn calls_before_the_model_is_ready_are_unavailable() {
         assert_eq!(health(&server).await, ServingStatus::NotServing);
     });
     server.wait_ready();
-    rt.block_on(async { assert_eq!(health(&server).await, ServingStatus::Serving) });
+    rt.block_on(wait_serving(&server));
 }
