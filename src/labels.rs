@@ -16,32 +16,120 @@ pub enum LabelsError {
         found: usize,
         expected: i64,
     },
+    #[error("labels file {file}, line {line}: {reason}")]
+    Line {
+        file: String,
+        line: usize,
+        reason: String,
+    },
 }
 
 /// Names by class id.
 #[derive(Clone, Debug)]
 pub struct Labels(Vec<String>);
 
+/// One non-empty line of a labels file: `id<TAB>name`, or a name alone.
+enum Line<'a> {
+    Id(u32, &'a str),
+    Name(&'a str),
+}
+
+fn parse_line(line: &str) -> Line<'_> {
+    match line.split_once('\t') {
+        Some((id, name)) => match id.trim().parse::<u32>() {
+            Ok(id) => Line::Id(id, name.trim()),
+            Err(_) => Line::Name(line.trim()),
+        },
+        None => Line::Name(line.trim()),
+    }
+}
+
 impl Labels {
-    /// Parses `id<TAB>name` lines, or one name per line (the line number is the id).
-    pub fn parse(text: &str) -> Self {
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        let names = lines
-            .iter()
-            .map(|l| match l.split_once('\t') {
-                Some((id, name)) if id.trim().parse::<u32>().is_ok() => name.trim().to_owned(),
-                _ => l.trim().to_owned(),
-            })
+    /// Parses a labels file for a model with `num_classes` outputs. A file of `id<TAB>name`
+    /// lines is mapped by id (ids past the model's classes, repeated ids or lines without an
+    /// id among them are errors, so a file never shifts names silently; ids it leaves out are
+    /// named `class_<id>`); a file of names alone must name every class, in order.
+    pub fn from_text(text: &str, num_classes: i64, file: &str) -> Result<Self, LabelsError> {
+        let lines: Vec<(usize, Line)> = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| (i + 1, parse_line(l)))
             .collect();
-        Labels(names)
+        let has_ids = lines.iter().any(|(_, l)| matches!(l, Line::Id(..)));
+        if !has_ids {
+            let names: Vec<String> = lines
+                .into_iter()
+                .map(|(_, l)| match l {
+                    Line::Name(n) | Line::Id(_, n) => n.to_owned(),
+                })
+                .collect();
+            return Self::counted(names, num_classes, file);
+        }
+        let line_error = |line: usize, reason: String| LabelsError::Line {
+            file: file.to_owned(),
+            line,
+            reason,
+        };
+        let mut names: Vec<Option<String>> = vec![None; num_classes.max(0) as usize];
+        for (n, line) in lines {
+            let (id, name) = match line {
+                Line::Id(id, name) => (id, name),
+                Line::Name(_) => {
+                    return Err(line_error(
+                        n,
+                        "no `id<TAB>` where other lines have one".into(),
+                    ))
+                }
+            };
+            let slot = names.get_mut(id as usize).ok_or_else(|| {
+                line_error(
+                    n,
+                    format!("id {id} is past the model's {num_classes} classes"),
+                )
+            })?;
+            if slot.is_some() {
+                return Err(line_error(n, format!("id {id} is named twice")));
+            }
+            *slot = Some(name.to_owned());
+        }
+        let names = names
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| n.unwrap_or_else(|| format!("class_{i}")))
+            .collect();
+        Ok(Labels(names))
+    }
+
+    fn counted(names: Vec<String>, num_classes: i64, file: &str) -> Result<Self, LabelsError> {
+        if names.len() as i64 != num_classes {
+            return Err(LabelsError::Count {
+                file: file.to_owned(),
+                found: names.len(),
+                expected: num_classes,
+            });
+        }
+        Ok(Labels(names))
+    }
+
+    /// A table shipped with detectd, whose ids are its line numbers.
+    fn table(text: &str) -> Self {
+        Labels(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| match parse_line(l) {
+                    Line::Id(_, n) | Line::Name(n) => n.to_owned(),
+                })
+                .collect(),
+        )
     }
 
     pub fn coco() -> Self {
-        Self::parse(COCO)
+        Self::table(COCO)
     }
 
     pub fn imagenet() -> Self {
-        Self::parse(IMAGENET)
+        Self::table(IMAGENET)
     }
 
     /// The labels for a model with `num_classes` outputs: the file if given, else the table
@@ -51,29 +139,24 @@ impl Labels {
         num_classes: i64,
         default: fn() -> Labels,
     ) -> Result<Self, LabelsError> {
-        let labels = match file {
+        match file {
             Some(path) => {
+                let name = path.display().to_string();
                 let text = std::fs::read_to_string(path)
-                    .map_err(|e| LabelsError::Read(path.display().to_string(), e))?;
-                Self::parse(&text)
+                    .map_err(|e| LabelsError::Read(name.clone(), e))?;
+                Self::from_text(&text, num_classes, &name)
             }
             None => {
                 let d = default();
                 if d.len() as i64 == num_classes {
-                    d
+                    Ok(d)
                 } else {
-                    Labels((0..num_classes).map(|i| format!("class_{i}")).collect())
+                    Ok(Labels(
+                        (0..num_classes).map(|i| format!("class_{i}")).collect(),
+                    ))
                 }
             }
-        };
-        if labels.len() as i64 != num_classes {
-            return Err(LabelsError::Count {
-                file: file.map(|p| p.display().to_string()).unwrap_or_default(),
-                found: labels.len(),
-                expected: num_classes,
-            });
         }
-        Ok(labels)
     }
 
     pub fn len(&self) -> usize {
@@ -111,7 +194,21 @@ mod tests {
 
     #[test]
     fn plain_name_lists_parse() {
-        let l = Labels::parse("background\ncat\ndog\n");
+        let l = Labels::from_text("background\ncat\ndog\n", 3, "f").expect("parse");
         assert_eq!(l.name(2), "dog");
+        assert!(Labels::from_text("cat\ndog\n", 3, "f").is_err());
+    }
+
+    #[test]
+    fn id_files_map_by_id_and_refuse_disagreement() {
+        let l = Labels::from_text("3\tdog\n1\tcat\n", 5, "f").expect("parse");
+        assert_eq!(l.name(1), "cat");
+        assert_eq!(l.name(3), "dog");
+        assert_eq!(l.name(2), "class_2");
+        assert_eq!(l.len(), 5);
+        let err = |t: &str| Labels::from_text(t, 5, "f").expect_err(t).to_string();
+        assert!(err("5\tdog\n").contains("past the model's 5 classes"));
+        assert!(err("1\tcat\n1\tdog\n").contains("named twice"));
+        assert!(err("1\tcat\ndog\n").contains("line 2"));
     }
 }
