@@ -7,8 +7,21 @@ use tch::{Device, Kind, Tensor};
 
 use super::boxes::area;
 
+/// Most IoU entries computed at once. NMS compares every box with every other; with
+/// `score_threshold=0` on a crowded image the detector hands it up to 90,000 boxes (8.1 G
+/// pairs), so the comparison runs in tiles of rows: at most this many entries (~40 bytes each
+/// across the temporaries, ~170 MB) live on the device, and as many bytes on the host.
+const TILE_ENTRIES: i64 = 1 << 22;
+
 /// Indices of the kept boxes, in descending score order.
 pub fn nms(boxes: &Tensor, scores: &Tensor, threshold: f64) -> Tensor {
+    nms_tiled(boxes, scores, threshold, TILE_ENTRIES)
+}
+
+/// NMS whose IoU rows are computed `tile_entries / n` at a time, for the rows not yet
+/// suppressed. Every entry is the same f32 arithmetic as the whole matrix's, so the result
+/// does not depend on the tiling.
+fn nms_tiled(boxes: &Tensor, scores: &Tensor, threshold: f64, tile_entries: i64) -> Tensor {
     let device = boxes.device();
     let n = boxes.size()[0];
     if n == 0 {
@@ -16,42 +29,55 @@ pub fn nms(boxes: &Tensor, scores: &Tensor, threshold: f64) -> Tensor {
     }
     let order = scores.argsort_stable(true, 0, true);
     let b = boxes.index_select(0, &order);
-    let over = overlaps_above(&b, threshold);
-    let keep = greedy(&over, n as usize);
+    let areas = area(&b);
+    let rows_per_tile = (tile_entries / n).max(1) as usize;
+    let n = n as usize;
+    let mut suppressed = vec![false; n];
+    let mut keep = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let end = (start + rows_per_tile).min(n);
+        let rows: Vec<i64> = (start..end)
+            .filter(|&i| !suppressed[i])
+            .map(|i| i as i64)
+            .collect();
+        start = end;
+        if rows.is_empty() {
+            continue;
+        }
+        let over = overlaps_above(&b, &areas, &rows, threshold);
+        for (r, &i) in rows.iter().enumerate() {
+            let i = i as usize;
+            if suppressed[i] {
+                continue;
+            }
+            keep.push(i as i64);
+            let row = &over[r * n..(r + 1) * n];
+            for j in i + 1..n {
+                suppressed[j] |= row[j] != 0;
+            }
+        }
+    }
     order.index_select(0, &Tensor::from_slice(&keep).to_device(device))
 }
 
-/// `over[i * n + j]`: box j's IoU with box i is above the threshold (both in score order).
-fn overlaps_above(b: &Tensor, threshold: f64) -> Vec<u8> {
-    let col = |k: i64| b.select(1, k);
-    let (x1, y1, x2, y2) = (col(0), col(1), col(2), col(3));
-    let areas = area(b);
-    let xx1 = x1.unsqueeze(1).maximum(&x1.unsqueeze(0));
-    let yy1 = y1.unsqueeze(1).maximum(&y1.unsqueeze(0));
-    let xx2 = x2.unsqueeze(1).minimum(&x2.unsqueeze(0));
-    let yy2 = y2.unsqueeze(1).minimum(&y2.unsqueeze(0));
+/// `over[r * n + j]`: box j's IoU with box `rows[r]` is above the threshold (boxes in score
+/// order).
+fn overlaps_above(b: &Tensor, areas: &Tensor, rows: &[i64], threshold: f64) -> Vec<u8> {
+    let index = Tensor::from_slice(rows).to_device(b.device());
+    let r = b.index_select(0, &index);
+    let r_areas = areas.index_select(0, &index);
+    let col = |t: &Tensor, k: i64| t.select(1, k);
+    let xx1 = col(&r, 0).unsqueeze(1).maximum(&col(b, 0).unsqueeze(0));
+    let yy1 = col(&r, 1).unsqueeze(1).maximum(&col(b, 1).unsqueeze(0));
+    let xx2 = col(&r, 2).unsqueeze(1).minimum(&col(b, 2).unsqueeze(0));
+    let yy2 = col(&r, 3).unsqueeze(1).minimum(&col(b, 3).unsqueeze(0));
     let inter = (xx2 - xx1).clamp_min(0.0) * (yy2 - yy1).clamp_min(0.0);
-    let iou = &inter / ((areas.unsqueeze(1) + areas.unsqueeze(0)) - &inter);
+    let iou = &inter / ((r_areas.unsqueeze(1) + areas.unsqueeze(0)) - &inter);
     // The kernel compares the f32 IoU with a double threshold.
     let over = iou.to_kind(Kind::Double).gt(threshold).to_kind(Kind::Uint8);
     Vec::<u8>::try_from(over.reshape([-1]).to_device(Device::Cpu))
         .expect("u8 tensor converts to Vec<u8>")
-}
-
-fn greedy(over: &[u8], n: usize) -> Vec<i64> {
-    let mut suppressed = vec![false; n];
-    let mut keep = Vec::new();
-    for i in 0..n {
-        if suppressed[i] {
-            continue;
-        }
-        keep.push(i as i64);
-        let row = &over[i * n..(i + 1) * n];
-        for j in i + 1..n {
-            suppressed[j] |= row[j] != 0;
-        }
-    }
-    keep
 }
 
 /// Above this many coordinates torchvision's CPU `batched_nms` loops over classes instead of
@@ -132,6 +158,21 @@ mod tests {
         ]);
         let keep = nms(&boxes, &Tensor::from_slice(&[0.5f32, 0.5, 0.5]), 0.5);
         assert_eq!(Vec::<i64>::try_from(keep).unwrap(), vec![0, 1]);
+    }
+
+    #[test]
+    fn tiles_of_any_size_keep_what_the_whole_matrix_keeps() {
+        tch::manual_seed(5);
+        let xy = Tensor::rand([300, 2], (Kind::Float, Device::Cpu)) * 100.0;
+        let wh = Tensor::rand([300, 2], (Kind::Float, Device::Cpu)) * 40.0 + 1.0;
+        let boxes = Tensor::cat(&[&xy, &(&xy + &wh)], 1);
+        let scores = Tensor::rand([300], (Kind::Float, Device::Cpu));
+        let whole = nms_tiled(&boxes, &scores, 0.5, 300 * 300);
+        for tile in [1, 300, 7 * 300, 299 * 300] {
+            let tiled = nms_tiled(&boxes, &scores, 0.5, tile);
+            assert!(tiled.equal(&whole), "tile of {tile} entries");
+        }
+        assert!(whole.size()[0] > 10);
     }
 
     #[test]
