@@ -165,6 +165,63 @@ fn a_cut_transfer_fails_and_leaves_nothing() {
     assert!(listing(&dir).is_empty(), "{:?}", listing(&dir));
 }
 
+/// A server that sends its headers and a few bytes, then stalls (holding the connection).
+fn serve_stalling() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(&stream);
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let mut out = &stream;
+            let _ = out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n0123456789");
+            let _ = out.flush();
+            held.push(stream);
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn a_stalled_download_times_out_and_leaves_nothing() {
+    let base = serve_stalling();
+    let dir = empty_dir("stall");
+    let started = std::time::Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_detectd"))
+        .args(["weights", "fetch", &format!("{base}/model.pth")])
+        .args(["--cache-dir", &common::path_str(&dir)])
+        .env("DETECTD_DOWNLOAD_TIMEOUT_S", "2")
+        .output()
+        .expect("run detectd");
+    let took = started.elapsed();
+    assert!(!out.status.success(), "a stalled download must fail");
+    assert!(took.as_secs() < 20, "took {took:?}");
+    assert!(stderr(&out).contains("cannot fetch"), "{}", stderr(&out));
+    assert!(listing(&dir).is_empty(), "{:?}", listing(&dir));
+}
+
+#[test]
+fn a_partial_file_left_by_a_killed_fetch_is_removed_by_the_next() {
+    let body = payload();
+    let base = serve(body.clone(), body.len());
+    let dir = empty_dir("stale");
+    // What a fetch killed mid-download leaves: an unlocked partial file.
+    std::fs::write(dir.join(".model.pth.Ab12Cd.partial"), b"half").expect("write partial");
+    let out = fetch(&[
+        &format!("{base}/model.pth"),
+        "--sha256",
+        &sha256(&body),
+        "--cache-dir",
+        &common::path_str(&dir),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(listing(&dir), vec!["model.pth".to_string()]);
+}
+
 #[test]
 fn names_and_aliases_are_listed_and_bad_targets_refused() {
     let dir = empty_dir("list");

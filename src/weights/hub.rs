@@ -200,12 +200,18 @@ pub fn fetch(src: &Source, dest: &Path) -> Result<String, FetchError> {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| unavailable(format!("{}: {e}", dir.display())))?;
-    // Removed when dropped, so every early return below leaves nothing in `dir`.
+    remove_stale_partials(dir, &src.file);
+    // Removed when dropped, so every early return below leaves nothing in `dir`; locked while
+    // it is written, so that a later fetch can tell a live download from a killed one's.
     let mut partial = tempfile::Builder::new()
-        .prefix(&format!(".{}.", src.file))
-        .suffix(".partial")
+        .prefix(&partial_prefix(&src.file))
+        .suffix(PARTIAL)
         .tempfile_in(dir)
         .map_err(|e| unavailable(format!("{}: {e}", dir.display())))?;
+    partial
+        .as_file()
+        .try_lock()
+        .map_err(|e| unavailable(format!("lock {}: {e}", partial.path().display())))?;
     let actual = download(&src.url, partial.as_file_mut()).map_err(unavailable)?;
     if let Some(expected) = &src.sha256 {
         if !actual.starts_with(expected.as_str()) {
@@ -221,6 +227,33 @@ pub fn fetch(src: &Source, dest: &Path) -> Result<String, FetchError> {
         .persist(dest)
         .map_err(|e| unavailable(format!("{}: {}", dest.display(), e.error)))?;
     Ok(actual)
+}
+
+const PARTIAL: &str = ".partial";
+
+fn partial_prefix(file: &str) -> String {
+    format!(".{file}.")
+}
+
+/// Removes what killed downloads of `file` left in `dir`: partial files that no live fetch
+/// holds locked.
+fn remove_stale_partials(dir: &Path, file: &str) {
+    let prefix = partial_prefix(file);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with(&prefix) && name.ends_with(PARTIAL)) {
+            continue;
+        }
+        let path = entry.path();
+        let unlocked = std::fs::File::open(&path).is_ok_and(|f| f.try_lock().is_ok());
+        if unlocked && std::fs::remove_file(&path).is_ok() {
+            tracing::info!(path = %path.display(), "removed a partial download left by a stopped fetch");
+        }
+    }
 }
 
 /// The verified local path of `p`, downloading it into `dir` if it is not there yet.
@@ -293,11 +326,27 @@ fn progress(len: Option<u64>) -> indicatif::ProgressBar {
     bar
 }
 
+/// Seconds a download may wait for a connection, its headers or any one read:
+/// `DETECTD_DOWNLOAD_TIMEOUT_S`, 30 by default.
+fn read_timeout() -> std::time::Duration {
+    let seconds = std::env::var("DETECTD_DOWNLOAD_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&s| s > 0)
+        .unwrap_or(30);
+    std::time::Duration::from_secs(seconds)
+}
+
 /// Streams `url` into `to`, hashing as it goes; a body shorter than its Content-Length is an
 /// error even where the transport does not call it one.
 fn download(url: &str, to: &mut std::fs::File) -> Result<String, String> {
+    // A server that accepts and then stalls must not hang start-up: every read has a limit
+    // (the whole download has none, since checkpoints are hundreds of MB on slow links).
+    let limit = Some(read_timeout());
     let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_connect(Some(std::time::Duration::from_secs(10)))
+        .timeout_connect(limit)
+        .timeout_recv_response(limit)
+        .timeout_per_read(limit)
         .build()
         .into();
     let response = agent.get(url).call().map_err(|e| e.to_string())?;
