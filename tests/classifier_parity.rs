@@ -42,7 +42,7 @@ fn parity(preset: Preset, name: &str) {
     let model = Classifier::load(&weights, Device::Cpu, fp32()).expect("load classifier");
     let inputs: Vec<_> = images
         .iter()
-        .map(|p| prepare_classifier(&decode_file(p), preset.resize(), CROP))
+        .map(|p| prepare_classifier(&decode_file(p), preset.resize(), CROP).expect("prepare"))
         .collect();
     let refs_in: Vec<_> = inputs.iter().collect();
     let probs = model.probabilities(&refs_in).expect("classify");

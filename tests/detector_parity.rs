@@ -111,7 +111,7 @@ fn parity(arch: &str, extra: &[&str]) {
     let (model, weights) = model(arch, extra);
     let refs = reference(arch, &weights, &images, extra);
     for (i, path) in images.iter().enumerate() {
-        let prepared = prepare_detector(&decode_file(path));
+        let prepared = prepare_detector(&decode_file(path)).expect("prepare");
         let request = DetectRequest {
             image: &prepared,
             score_threshold: 0.05,
@@ -152,7 +152,7 @@ fn batch_results_equal_single_image_results() {
     model.images_per_forward = usize::MAX;
     let prepared: Vec<_> = images
         .iter()
-        .map(|p| prepare_detector(&decode_file(p)))
+        .map(|p| prepare_detector(&decode_file(p)).expect("prepare"))
         .collect();
     let requests = DetectRequest::each(&prepared, 0.05);
     let batch = model.detect(&requests).expect("batch detect");

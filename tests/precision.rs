@@ -74,7 +74,7 @@ fn detector_agreement(arch: &str, precision: Precision) -> (usize, usize) {
     ]);
     let prepared: Vec<_> = imgs
         .iter()
-        .map(|p| prepare_detector(&decode_file(p)))
+        .map(|p| prepare_detector(&decode_file(p)).expect("prepare"))
         .collect();
     let requests = DetectRequest::each(&prepared, 0.05);
     let exact = detector(arch, Precision::Fp32)
@@ -140,7 +140,7 @@ fn fast_classifier_top1_agrees_with_fp32() {
     );
     let inputs: Vec<_> = imgs
         .iter()
-        .map(|p| prepare_classifier(&decode_file(p), Preset::V2.resize(), CROP))
+        .map(|p| prepare_classifier(&decode_file(p), Preset::V2.resize(), CROP).expect("prepare"))
         .collect();
     let refs: Vec<_> = inputs.iter().collect();
     let top1 = |compute: Compute| -> Vec<i64> {

@@ -27,14 +27,14 @@ pub struct BenchArgs {
     #[arg(long)]
     pub weights: PathBuf,
     /// Images per call.
-    #[arg(long, default_value_t = 1)]
-    pub batch: usize,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub batch: u16,
     /// Image size, HxW.
     #[arg(long, default_value = "800x1216")]
     pub size: String,
     /// Timed calls (after one warm-up call).
-    #[arg(long, default_value_t = 3)]
-    pub iters: usize,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub iters: u32,
     #[command(flatten)]
     pub runtime: Runtime,
 }
@@ -43,7 +43,11 @@ fn parse_size(s: &str) -> anyhow::Result<(i64, i64)> {
     let (h, w) = s
         .split_once('x')
         .ok_or_else(|| anyhow::anyhow!("--size is HxW"))?;
-    Ok((h.parse()?, w.parse()?))
+    let (h, w): (i64, i64) = (h.parse()?, w.parse()?);
+    if !(1..=10_000).contains(&h) || !(1..=10_000).contains(&w) {
+        anyhow::bail!("--size {s}: each side must be within 1..=10000");
+    }
+    Ok((h, w))
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
@@ -64,7 +68,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
             let model = FasterRcnn::load(&args.weights, &config)?;
             crate::alloc::tune_for_tensors();
             Box::new(move || {
-                let prepared: Vec<_> = images.iter().map(prepare_detector).collect();
+                let prepared = images
+                    .iter()
+                    .map(prepare_detector)
+                    .collect::<Result<Vec<_>, _>>()?;
                 let requests = DetectRequest::each(&prepared, 0.05);
                 model.detect(&requests)?;
                 Ok(())
@@ -77,14 +84,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
                 let prepared: Vec<_> = images
                     .iter()
                     .map(|i| prepare_classifier(i, Preset::V2.resize(), CROP))
-                    .collect();
+                    .collect::<Result<Vec<_>, _>>()?;
                 let _probs = model.probabilities(&prepared.iter().collect::<Vec<_>>())?;
                 Ok(())
             })
         }
     };
     call()?;
-    let mut times = Vec::with_capacity(args.iters);
+    let mut times = Vec::with_capacity(args.iters as usize);
     for _ in 0..args.iters {
         let t = Instant::now();
         call()?;

@@ -88,8 +88,18 @@ pub struct Runtime {
     #[arg(long, value_enum, default_value = "fp32", env = "DETECTD_PRECISION")]
     pub precision: Precision,
     /// libtorch intra-op threads (default: all cores).
-    #[arg(long, env = "DETECTD_THREADS")]
+    #[arg(long, env = "DETECTD_THREADS", value_parser = clap::value_parser!(i32).range(1..=1024))]
     pub threads: Option<i32>,
+}
+
+/// A value within 0..=1 (a score or a threshold).
+pub fn unit_interval(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not within 0..=1"))
+    }
 }
 
 impl Runtime {
@@ -132,8 +142,8 @@ pub struct DetectArgs {
     /// Class names, `id<TAB>name` or one per line (default: COCO for 91 classes).
     #[arg(long)]
     pub labels: Option<PathBuf>,
-    /// Keep detections scoring above this.
-    #[arg(long, default_value_t = 0.05)]
+    /// Keep detections scoring above this (0..=1).
+    #[arg(long, default_value_t = 0.05, value_parser = unit_interval)]
     pub score_threshold: f64,
     /// eps of v1's FrozenBatchNorm (default 0.0, as torchvision's COCO weights run).
     #[arg(long)]
@@ -161,7 +171,7 @@ pub struct ClassifyArgs {
     #[arg(long)]
     pub labels: Option<PathBuf>,
     /// How many classes to print per image.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(i64).range(1..=1000))]
     pub top_k: i64,
     #[command(flatten)]
     pub runtime: Runtime,
@@ -329,7 +339,7 @@ fn progress(len: usize) -> indicatif::ProgressBar {
 fn for_each_image<T, R>(
     batch: &Batch,
     keep_pixels: bool,
-    prepare: impl Fn(&imaging::RgbImage) -> T,
+    prepare: impl Fn(&imaging::RgbImage) -> Result<T, crate::model::ModelError>,
     mut run: impl FnMut(&[T]) -> anyhow::Result<Vec<R>>,
     mut emit: impl FnMut(&Loaded, R) -> anyhow::Result<()>,
 ) -> anyhow::Result<bool> {
@@ -343,9 +353,14 @@ fn for_each_image<T, R>(
         let mut loaded = Vec::new();
         let mut prepared = Vec::new();
         for path in chunk {
-            match Loaded::read(path, keep_pixels) {
-                Ok((image, tensor)) => {
-                    prepared.push(prepare(&tensor));
+            // An image the model cannot take (a 1×2000 strip has no detector size) is named
+            // and skipped like an unreadable one.
+            let read = Loaded::read(path, keep_pixels).and_then(|(image, tensor)| {
+                Ok((image, prepare(&tensor).map_err(|e| e.to_string())?))
+            });
+            match read {
+                Ok((image, input)) => {
+                    prepared.push(input);
                     loaded.push(image);
                 }
                 Err(e) => {
