@@ -1,10 +1,13 @@
 //! Dynamic batching on a dedicated OS thread per model. Knows nothing of HTTP.
 //!
-//! Callers submit jobs (one or more images each) to a queue bounded in images; a full queue is
-//! refused at once. The worker thread owns the model: it takes the first waiting job, then
-//! more until `max_batch_size` images or `max_batch_delay` has passed, drops jobs whose caller
-//! has gone (timed out or disconnected) before they reach the model, runs the batch and
-//! answers each job on its own channel. A failing batch fails only its own jobs.
+//! Callers reserve room for a job's images in a queue bounded in images (before they spend
+//! anything preparing them), then submit the job; a full queue, or a job larger than the whole
+//! queue, is refused at once. The worker thread owns the model: it takes the first waiting
+//! job, then more until `max_batch_size` images or `max_batch_delay` has passed, drops jobs
+//! whose caller has gone (timed out or disconnected) before they reach the model, runs the
+//! batch and answers each job on its own channel. A job larger than the engine takes in one
+//! run goes in several runs, and stops between them once its caller has gone. A failing
+//! batch fails only its own jobs.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -26,7 +29,8 @@ pub trait Engine: 'static {
 
     /// Most images worth gathering into one run. An engine that runs images one by one
     /// anyway says 1, so that no job waits for the rest of a batch to be answered (one job
-    /// with several images still runs whole).
+    /// with several images goes in several runs, and stops between them once its caller has
+    /// gone).
     fn max_images_per_run(&self) -> usize {
         usize::MAX
     }
@@ -53,8 +57,29 @@ pub type Reply<O> = Result<(Vec<O>, Timing), ModelError>;
 pub enum SubmitError {
     #[error("the queue is full")]
     QueueFull,
+    #[error("a job of {images} images is larger than the queue ({max_queue} images)")]
+    TooLarge { images: usize, max_queue: usize },
     #[error("the model worker has stopped")]
     Closed,
+}
+
+/// Room for a job's images in the queue, held from before its images are prepared until the
+/// job is submitted; dropped unused, the room is given back.
+pub struct Reservation<'a> {
+    depth: &'a AtomicUsize,
+    images: usize,
+}
+
+impl Reservation<'_> {
+    pub fn images(&self) -> usize {
+        self.images
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.depth.fetch_sub(self.images, Ordering::SeqCst);
+    }
 }
 
 /// How long a worker waits without jobs before returning freed memory.
@@ -114,6 +139,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             config,
             metrics: batcher.metrics.clone(),
             carried: None,
+            per_run: usize::MAX,
         };
         let ready = batcher.ready.clone();
         let handle = std::thread::Builder::new()
@@ -145,23 +171,56 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         self.ready.load(Ordering::SeqCst)
     }
 
-    /// Queues a job; its answer arrives on the returned channel. Refused at once when its
-    /// images would overfill the queue.
-    pub fn submit(
-        &self,
-        inputs: Vec<I>,
-        deadline: Instant,
-    ) -> Result<oneshot::Receiver<Reply<O>>, SubmitError> {
-        let n = inputs.len();
-        let before = self.depth.fetch_add(n, Ordering::SeqCst);
-        if before + n > self.config.max_queue && before > 0 {
-            self.depth.fetch_sub(n, Ordering::SeqCst);
+    /// Reserves room for `images` images. Refused at once when they would overfill the queue,
+    /// and always when they are more than the whole queue holds.
+    pub fn reserve(&self, images: usize) -> Result<Reservation<'_>, SubmitError> {
+        let max_queue = self.config.max_queue;
+        if images > max_queue {
+            return Err(SubmitError::TooLarge { images, max_queue });
+        }
+        let before = self.depth.fetch_add(images, Ordering::SeqCst);
+        // Constructed first, so that the refusal below gives the room back on drop.
+        let reservation = Reservation {
+            depth: &self.depth,
+            images,
+        };
+        if before + images > max_queue {
             return Err(SubmitError::QueueFull);
         }
         self.metrics
             .queue_depth
             .with_label_values(&[&self.name])
-            .set((before + n) as i64);
+            .set((before + images) as i64);
+        Ok(reservation)
+    }
+
+    /// Reserves and queues a job at once.
+    pub fn submit(
+        &self,
+        inputs: Vec<I>,
+        deadline: Instant,
+    ) -> Result<oneshot::Receiver<Reply<O>>, SubmitError> {
+        let reservation = self.reserve(inputs.len())?;
+        self.enqueue(reservation, inputs, deadline)
+    }
+
+    /// Queues a job in the room reserved for it; its answer arrives on the returned channel.
+    /// The worker gives the room back when it takes the job.
+    pub fn enqueue(
+        &self,
+        reservation: Reservation<'_>,
+        inputs: Vec<I>,
+        deadline: Instant,
+    ) -> Result<oneshot::Receiver<Reply<O>>, SubmitError> {
+        let n = inputs.len();
+        // The worker subtracts what the job holds: settle a reservation of another size.
+        let reserved = reservation.images;
+        std::mem::forget(reservation);
+        if n >= reserved {
+            self.depth.fetch_add(n - reserved, Ordering::SeqCst);
+        } else {
+            self.depth.fetch_sub(reserved - n, Ordering::SeqCst);
+        }
         let (reply, rx) = oneshot::channel();
         let job = Job {
             inputs,
@@ -178,6 +237,44 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     }
 }
 
+/// A job's answer channel, how long it waited, its span and its deadline.
+type Waiting<O> = (oneshot::Sender<Reply<O>>, Duration, tracing::Span, Instant);
+
+/// Runs `inputs` through the engine at most `per_run` at a time, while `wanted` holds; also
+/// returns how many inputs went through the engine. A panic in the engine fails these inputs
+/// only; the worker goes on serving.
+fn run_in_parts<E: Engine>(
+    engine: &mut E,
+    inputs: Vec<E::Input>,
+    per_run: usize,
+    wanted: impl Fn() -> bool,
+) -> (Result<Vec<E::Output>, ModelError>, usize) {
+    let mut guarded = |part: Vec<E::Input>| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(part)))
+            .unwrap_or_else(|_| Err(ModelError::Inference("the model panicked".into())))
+    };
+    let n = inputs.len();
+    if n <= per_run {
+        return (guarded(inputs), n);
+    }
+    let mut outputs = Vec::with_capacity(n);
+    let mut rest = inputs.into_iter().peekable();
+    while rest.peek().is_some() {
+        if !wanted() {
+            let left =
+                ModelError::Inference("abandoned: the caller left before the job finished".into());
+            return (Err(left), outputs.len());
+        }
+        let part: Vec<E::Input> = rest.by_ref().take(per_run).collect();
+        let size = part.len();
+        match guarded(part) {
+            Ok(out) => outputs.extend(out),
+            Err(e) => return (Err(e), outputs.len() + size),
+        }
+    }
+    (Ok(outputs), n)
+}
+
 struct Worker<I, O> {
     name: String,
     rx: Receiver<Job<I, O>>,
@@ -186,11 +283,14 @@ struct Worker<I, O> {
     metrics: Arc<Metrics>,
     /// A job that did not fit in the previous batch; it opens the next one.
     carried: Option<Job<I, O>>,
+    /// Most images the engine takes in one run.
+    per_run: usize,
 }
 
 impl<I, O> Worker<I, O> {
     fn serve<E: Engine<Input = I, Output = O>>(mut self, mut engine: E) {
         let limit = engine.max_images_per_run().max(1);
+        self.per_run = limit;
         self.config.max_batch_size = self.config.max_batch_size.min(limit);
         while let Some(batch) = self.next_batch() {
             self.run(&mut engine, batch);
@@ -266,15 +366,18 @@ impl<I, O> Worker<I, O> {
                 .observe(waited.as_secs_f64());
             sizes.push(job.inputs.len());
             inputs.extend(job.inputs);
-            replies.push((job.reply, waited, job.span));
+            replies.push((job.reply, waited, job.span, job.deadline));
         }
         let n = inputs.len();
         let span = tracing::info_span!("batch", model = %self.name, images = n);
-        // A panic in the engine fails this batch only; the worker goes on serving.
-        let result = span.in_scope(|| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(inputs)))
-                .unwrap_or_else(|_| Err(ModelError::Inference("the model panicked".into())))
-        });
+        // Only a batch of one job can hold more than a run takes (batches are gathered up to
+        // the run size): it is wanted for as long as that job's caller waits.
+        let wanted = || {
+            replies
+                .iter()
+                .any(|(reply, _, _, deadline)| !reply.is_closed() && *deadline > Instant::now())
+        };
+        let (result, ran) = span.in_scope(|| run_in_parts(engine, inputs, self.per_run, wanted));
         let inference = now.elapsed();
         self.metrics
             .inference_duration
@@ -287,26 +390,26 @@ impl<I, O> Worker<I, O> {
         self.metrics
             .images
             .with_label_values(&[&self.name])
-            .inc_by(n as u64);
+            .inc_by(ran as u64);
         Self::answer(result, sizes, replies, inference);
     }
 
     fn answer(
         result: Result<Vec<O>, ModelError>,
         sizes: Vec<usize>,
-        replies: Vec<(oneshot::Sender<Reply<O>>, Duration, tracing::Span)>,
+        replies: Vec<Waiting<O>>,
         inference: Duration,
     ) {
         match result {
             Ok(outputs) => {
                 let mut outputs = outputs.into_iter();
-                for ((reply, queue, _), size) in replies.into_iter().zip(sizes) {
+                for ((reply, queue, _, _), size) in replies.into_iter().zip(sizes) {
                     let mine: Vec<O> = outputs.by_ref().take(size).collect();
                     let _ = reply.send(Ok((mine, Timing { queue, inference })));
                 }
             }
             Err(e) => {
-                for (reply, _, span) in replies {
+                for (reply, _, span, _) in replies {
                     span.in_scope(|| tracing::error!(error = %e, "batch failed"));
                     let _ = reply.send(Err(e.clone()));
                 }
@@ -421,7 +524,57 @@ mod tests {
         for (rx, job) in rxs.into_iter().zip(&jobs) {
             assert_eq!(&rx.blocking_recv().expect("reply").expect("ok").0, job);
         }
-        assert_eq!(*runs.lock().expect("runs"), vec![1, 2, 1, 1]);
+        // The job of two images goes in two runs (its caller is asked about between them).
+        assert_eq!(*runs.lock().expect("runs"), vec![1, 1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn reserved_room_counts_until_it_is_used_or_dropped() {
+        let (b, _handle) = batcher(4);
+        assert_eq!(
+            b.reserve(5).err(),
+            Some(SubmitError::TooLarge {
+                images: 5,
+                max_queue: 4
+            })
+        );
+        let r = b.reserve(3).expect("room for 3");
+        assert_eq!(b.reserve(2).err(), Some(SubmitError::QueueFull));
+        drop(r);
+        let r = b.reserve(4).expect("room again once dropped");
+        let rx = b.enqueue(r, vec![1, 2, 3, 4], far()).expect("enqueue");
+        assert_eq!(
+            rx.blocking_recv().expect("reply").expect("ok").0,
+            vec![2, 4, 6, 8]
+        );
+        let r = b.reserve(4).expect("the worker gave the room back");
+        drop(r);
+    }
+
+    #[test]
+    fn a_job_larger_than_a_run_stops_once_its_caller_has_gone() {
+        let runs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let config = BatchConfig {
+            max_batch_size: 8,
+            max_batch_delay: Duration::from_millis(1),
+            max_queue: 16,
+        };
+        let engine = OneByOne(runs.clone());
+        let (b, started, _handle) =
+            Batcher::spawn("parts", config, Arc::new(Metrics::new()), move || {
+                Ok(engine)
+            });
+        assert!(started.blocking_recv().expect("started").is_ok());
+        // Whole when its caller waits: ten runs of one image.
+        let rx = b.submit((0..10).collect(), far()).expect("submit");
+        assert_eq!(rx.blocking_recv().expect("reply").expect("ok").0.len(), 10);
+        assert_eq!(runs.lock().expect("runs").len(), 10);
+        // Past its deadline after ~2 runs of 20 ms: the rest never runs.
+        let deadline = Instant::now() + Duration::from_millis(50);
+        let rx = b.submit((0..10).collect(), deadline).expect("submit");
+        assert!(rx.blocking_recv().expect("reply").is_err());
+        let ran = runs.lock().expect("runs").len() - 10;
+        assert!((1..=4).contains(&ran), "{ran} runs after the deadline");
     }
 
     #[test]

@@ -7,14 +7,17 @@ use std::thread::JoinHandle;
 
 use tch::{Device, Tensor};
 
-use super::{ModelInfo, Served};
+use super::{ModelInfo, Preparer, Served};
 use crate::batch::{BatchConfig, Batcher, Engine};
 use crate::imaging::RgbImage;
 use crate::labels::Labels;
 use crate::metrics::Metrics;
 use crate::model::classifier::CROP;
 use crate::model::detector::DetectorConfig;
-use crate::model::transform::{prepare_classifier, prepare_detector, Prepared};
+use crate::model::transform::{
+    check_classifier, check_detector, classifier_size, detector_size, prepare_classifier,
+    prepare_detector, Prepared,
+};
 use crate::model::{
     ArchChoice, Classifier, DetectRequest, Detection, FasterRcnn, ModelError, Precision,
     Prediction, Preset,
@@ -28,12 +31,24 @@ pub struct DetectInput {
 }
 
 impl DetectInput {
-    pub fn new(img: &RgbImage, score_threshold: f64) -> Self {
-        Self {
-            prepared: prepare_detector(&img.tensor),
+    pub fn new(img: &RgbImage, score_threshold: f64) -> Result<Self, ModelError> {
+        Ok(Self {
+            prepared: prepare_detector(&img.tensor)?,
             score_threshold,
+        })
+    }
+
+    pub(crate) fn preparer(score_threshold: f64) -> Preparer<Self> {
+        Preparer {
+            check: Box::new(check_detector),
+            resized_pixels: Box::new(|h, w| pixels(detector_size(h, w))),
+            prepare: Arc::new(move |img| Self::new(img, score_threshold)),
         }
     }
+}
+
+fn pixels((h, w): (i64, i64)) -> u64 {
+    (h.max(0) as u64).saturating_mul(w.max(0) as u64)
 }
 
 pub struct ClassifyInput {
@@ -42,10 +57,19 @@ pub struct ClassifyInput {
 }
 
 impl ClassifyInput {
-    pub fn new(img: &RgbImage, preset: Preset, top_k: usize) -> Self {
-        Self {
-            tensor: prepare_classifier(&img.tensor, preset.resize(), CROP),
+    pub fn new(img: &RgbImage, preset: Preset, top_k: usize) -> Result<Self, ModelError> {
+        Ok(Self {
+            tensor: prepare_classifier(&img.tensor, preset.resize(), CROP)?,
             top_k,
+        })
+    }
+
+    pub(crate) fn preparer(preset: Preset, top_k: usize) -> Preparer<Self> {
+        let resize = preset.resize();
+        Preparer {
+            check: Box::new(move |h, w| check_classifier(h, w, resize)),
+            resized_pixels: Box::new(move |h, w| pixels(classifier_size(h, w, resize))),
+            prepare: Arc::new(move |img| Self::new(img, preset, top_k)),
         }
     }
 }
@@ -180,7 +204,7 @@ pub fn start_detector(
 fn spawn_warm<E: Engine + Send>(
     mut engine: E,
     warm: usize,
-    input: impl Fn(&RgbImage) -> E::Input + Send + 'static,
+    input: impl Fn(&RgbImage) -> Result<E::Input, ModelError> + Send + 'static,
     info: ModelInfo,
     labels: Labels,
     batch: BatchConfig,
@@ -192,7 +216,8 @@ fn spawn_warm<E: Engine + Send>(
         tracing::info!(?malloc, "weights loaded, warming up");
         if warm > 0 {
             let img = warmup_image();
-            engine.run((0..warm).map(|_| input(&img)).collect())?;
+            let inputs = (0..warm).map(|_| input(&img)).collect::<Result<_, _>>()?;
+            engine.run(inputs)?;
         }
         Ok(engine)
     });

@@ -3,6 +3,7 @@
 //! hands in bytes and gets plain results back; no tensor crosses it.
 
 mod admission;
+mod decoding;
 mod engines;
 mod params;
 
@@ -16,10 +17,14 @@ use crate::batch::{Batcher, SubmitError, Timing};
 use crate::imaging::{self, ImageError};
 use crate::labels::Labels;
 use crate::metrics::Metrics;
+use crate::model::transform::SizeError;
 use crate::model::{Detection, ModelError, Prediction, Preset};
 
 pub use admission::{Admission, InFlight};
-pub use engines::{start_classifier, start_detector, ClassifierSpec, DetectorSpec};
+pub use decoding::Decoding;
+pub use engines::{
+    start_classifier, start_detector, ClassifierSpec, ClassifyInput, DetectInput, DetectorSpec,
+};
 pub use params::{
     ClassifyOptions, DetectOptions, DEFAULT_SCORE_THRESHOLD, DEFAULT_TOP_K, MAX_TOP_K,
 };
@@ -38,6 +43,10 @@ pub struct ModelInfo {
 pub enum ServiceError {
     #[error("image {index}: {source}")]
     Image { index: usize, source: ImageError },
+    #[error("image {index}: {reason}")]
+    Unusable { index: usize, reason: String },
+    #[error("the request holds {count} images; at most {limit} are taken per request")]
+    TooManyImages { count: usize, limit: usize },
     #[error("the {0} model is not loaded on this server")]
     NotLoaded(&'static str),
     #[error("the {0} model is still loading")]
@@ -67,27 +76,51 @@ pub struct Decoded {
     pub height: u32,
 }
 
+/// How a model takes an image: whether its size can go through the model's resize (asked from
+/// the header, before decoding), the pixels that resize makes, and the preparation itself.
+pub(crate) struct Preparer<I> {
+    check: Box<dyn Fn(i64, i64) -> Result<(), SizeError> + Send + Sync>,
+    resized_pixels: Box<dyn Fn(i64, i64) -> u64 + Send + Sync>,
+    prepare: Prepare<I>,
+}
+
+/// Decoded image to model input, run on the blocking pool.
+type Prepare<I> = Arc<dyn Fn(&imaging::RgbImage) -> Result<I, ModelError> + Send + Sync>;
+
 impl<I: Send + 'static, O: Send + 'static> Served<I, O> {
-    /// Decodes and prepares every image on the blocking pool, queues them as one job and
-    /// waits for the answer until `deadline`.
+    /// Reserves the job's room in the queue, then decodes and prepares each image on the
+    /// blocking pool within the decoding budget, queues them as one job and waits for the
+    /// answer until `deadline`. A request refused for its size or for a full queue costs no
+    /// decoding.
     async fn infer(
         &self,
         images: Vec<bytes::Bytes>,
-        max_pixels: u64,
+        limits: &Limits,
         deadline: Instant,
-        prepare: impl Fn(&imaging::RgbImage) -> I + Send + Sync + 'static,
+        preparer: Preparer<I>,
     ) -> Result<(Vec<Decoded>, Vec<O>, Timing), ServiceError> {
-        let prepared =
-            tokio::task::spawn_blocking(move || decode_all(&images, max_pixels, &prepare))
-                .await
-                .map_err(|e| ModelError::Inference(format!("preprocessing task failed: {e}")))??;
-        let (sizes, inputs): (Vec<Decoded>, Vec<I>) = prepared.into_iter().unzip();
-        let rx = self.batcher.submit(inputs, deadline).map_err(|e| match e {
-            SubmitError::QueueFull => ServiceError::QueueFull,
-            SubmitError::Closed => {
-                ServiceError::Model(ModelError::Inference("model worker stopped".into()))
-            }
-        })?;
+        let limit = limits.max_images.min(self.batcher.config().max_queue);
+        if images.len() > limit {
+            return Err(ServiceError::TooManyImages {
+                count: images.len(),
+                limit,
+            });
+        }
+        let reservation = self.batcher.reserve(images.len()).map_err(submit_error)?;
+        let mut sizes = Vec::with_capacity(images.len());
+        let mut inputs = Vec::with_capacity(images.len());
+        for (index, bytes) in images.into_iter().enumerate() {
+            let (size, input) = limits
+                .decoding
+                .prepare(index, bytes, limits.max_pixels, deadline, &preparer)
+                .await?;
+            sizes.push(size);
+            inputs.push(input);
+        }
+        let rx = self
+            .batcher
+            .enqueue(reservation, inputs, deadline)
+            .map_err(submit_error)?;
         match tokio::time::timeout_at(deadline.into(), rx).await {
             Err(_) => Err(ServiceError::Timeout),
             Ok(Err(_)) => Err(ServiceError::Model(ModelError::Inference(
@@ -101,26 +134,27 @@ impl<I: Send + 'static, O: Send + 'static> Served<I, O> {
     }
 }
 
-fn decode_all<I>(
-    images: &[bytes::Bytes],
-    max_pixels: u64,
-    prepare: &impl Fn(&imaging::RgbImage) -> I,
-) -> Result<Vec<(Decoded, I)>, ServiceError> {
-    images
-        .iter()
-        .enumerate()
-        .map(|(index, bytes)| {
-            let img = imaging::decode(bytes, max_pixels)
-                .map_err(|source| ServiceError::Image { index, source })?;
-            Ok((
-                Decoded {
-                    width: img.width,
-                    height: img.height,
-                },
-                prepare(&img),
-            ))
-        })
-        .collect()
+fn submit_error(e: SubmitError) -> ServiceError {
+    match e {
+        SubmitError::QueueFull => ServiceError::QueueFull,
+        SubmitError::TooLarge { images, max_queue } => ServiceError::TooManyImages {
+            count: images,
+            limit: max_queue,
+        },
+        SubmitError::Closed => {
+            ServiceError::Model(ModelError::Inference("model worker stopped".into()))
+        }
+    }
+}
+
+/// What every request may cost, set by the operator.
+pub struct Limits {
+    /// Pixels one image may declare.
+    pub max_pixels: u64,
+    /// Images one request may hold (fewer when the model's queue is shorter).
+    pub max_images: usize,
+    pub request_timeout: Duration,
+    pub decoding: Decoding,
 }
 
 pub type DetectorServed = Served<engines::DetectInput, Vec<Detection>>;
@@ -132,8 +166,7 @@ pub struct Service {
     pub classifier: Option<ClassifierServed>,
     pub classifier_preset: Preset,
     pub metrics: Arc<Metrics>,
-    pub max_pixels: u64,
-    pub request_timeout: Duration,
+    pub limits: Limits,
     pub admission: Admission,
 }
 
@@ -217,7 +250,8 @@ impl Service {
     /// When a request started at `started` must be answered: the server's timeout, or the
     /// client's own when that is shorter.
     pub fn deadline(&self, started: Instant, client_timeout: Option<Duration>) -> Instant {
-        let limit = client_timeout.map_or(self.request_timeout, |c| c.min(self.request_timeout));
+        let server = self.limits.request_timeout;
+        let limit = client_timeout.map_or(server, |c| c.min(server));
         started + limit
     }
 
@@ -229,10 +263,9 @@ impl Service {
     ) -> Result<Answer<Vec<DetectionJson>>, ServiceError> {
         let served = self.detector()?;
         let plan = options.plan(&served.labels)?;
-        let threshold = plan.threshold;
-        let prepare = move |img: &imaging::RgbImage| engines::DetectInput::new(img, threshold);
+        let preparer = engines::DetectInput::preparer(plan.threshold);
         let (sizes, outputs, timing) = served
-            .infer(images, self.max_pixels, deadline, prepare)
+            .infer(images, &self.limits, deadline, preparer)
             .await?;
         Ok(join(&served.info, sizes, outputs, timing, |d| {
             plan.select(d, &served.labels)
@@ -247,11 +280,9 @@ impl Service {
     ) -> Result<Answer<Vec<PredictionJson>>, ServiceError> {
         let served = self.classifier()?;
         let top_k = options.top_k(served.info.num_classes)?;
-        let preset = self.classifier_preset;
-        let prepare =
-            move |img: &imaging::RgbImage| engines::ClassifyInput::new(img, preset, top_k);
+        let preparer = engines::ClassifyInput::preparer(self.classifier_preset, top_k);
         let (sizes, outputs, timing) = served
-            .infer(images, self.max_pixels, deadline, prepare)
+            .infer(images, &self.limits, deadline, preparer)
             .await?;
         Ok(join(&served.info, sizes, outputs, timing, |p| {
             crate::api::predictions_json(p, &served.labels)
