@@ -1,7 +1,7 @@
 //! Prometheus series. The names are a contract with dashboards and alerts: change none.
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -14,6 +14,7 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     pub images: IntCounterVec,
     pub model_info: IntGaugeVec,
+    pub open_connections: IntGauge,
 }
 
 /// Seconds, from 1 ms to 2 min: CPU detector batches take seconds, GPU ones milliseconds.
@@ -81,6 +82,11 @@ impl Metrics {
                 &["model", "arch", "device", "precision"],
             )
             .expect("valid gauge"),
+            open_connections: IntGauge::new(
+                "detectd_open_connections",
+                "HTTP connections open now (at --max-connections the server stops accepting)",
+            )
+            .expect("valid gauge"),
         };
         for c in [
             Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -91,6 +97,7 @@ impl Metrics {
             Box::new(m.queue_depth.clone()),
             Box::new(m.images.clone()),
             Box::new(m.model_info.clone()),
+            Box::new(m.open_connections.clone()),
         ] {
             m.registry.register(c).expect("unique metric names");
         }

@@ -13,9 +13,12 @@ use super::{resolve_weights, CacheArgs};
 use crate::batch::BatchConfig;
 use crate::grpc::{self, GrpcConfig};
 use crate::http::{router, AppState};
+use crate::http::{BodyLimits, ConnectionLimits};
 use crate::metrics::Metrics;
 use crate::model::{device, ArchChoice, DeviceChoice, ModelError, Precision, Preset};
-use crate::service::{start_classifier, start_detector, ClassifierSpec, DetectorSpec, Service};
+use crate::service::{
+    start_classifier, start_detector, ClassifierSpec, Decoding, DetectorSpec, Limits, Service,
+};
 use crate::weights::hub;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -59,22 +62,51 @@ pub struct ServeArgs {
     #[arg(long, env = "DETECTD_PRECISION", value_enum, default_value = "fp32")]
     pub precision: Precision,
     /// Images per batch, at most.
-    #[arg(long, env = "DETECTD_MAX_BATCH_SIZE", default_value_t = 4)]
-    pub max_batch_size: usize,
+    #[arg(long, env = "DETECTD_MAX_BATCH_SIZE", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_batch_size: u32,
     /// How long a batch waits for more images after its first.
     #[arg(long, env = "DETECTD_MAX_BATCH_DELAY_MS", default_value_t = 5)]
     pub max_batch_delay_ms: u64,
-    /// Images waiting per model, at most; beyond it requests get 429.
-    #[arg(long, env = "DETECTD_MAX_QUEUE", default_value_t = 64)]
-    pub max_queue: usize,
-    /// A request not answered by then gets 504 (and is dropped if still queued).
-    #[arg(long, env = "DETECTD_REQUEST_TIMEOUT_MS", default_value_t = 60_000)]
+    /// Images waiting per model, at most (reserved before they are decoded); beyond it
+    /// requests get 429.
+    #[arg(long, env = "DETECTD_MAX_QUEUE", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_queue: u32,
+    /// Images one request may carry; more get 413 too_many_images before any is decoded.
+    #[arg(long, env = "DETECTD_MAX_IMAGES_PER_REQUEST", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_images_per_request: u32,
+    /// A request not answered by then gets 504 (and is dropped if still queued; a job of
+    /// several images stops between images).
+    #[arg(long, env = "DETECTD_REQUEST_TIMEOUT_MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout_ms: u64,
-    #[arg(long, env = "DETECTD_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
-    pub max_body_bytes: usize,
+    /// Bytes of one request body (and one gRPC message).
+    #[arg(long, env = "DETECTD_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..=u32::MAX as u64))]
+    pub max_body_bytes: u64,
+    /// Bytes of request bodies buffered at once, across all requests; beyond it new requests
+    /// get 503 busy with Retry-After.
+    #[arg(long, env = "DETECTD_MAX_INFLIGHT_BYTES", default_value_t = 256 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_inflight_bytes: u64,
     /// Larger images are refused from their header, before decoding.
-    #[arg(long, env = "DETECTD_MAX_IMAGE_PIXELS", default_value_t = 50_000_000)]
+    #[arg(long, env = "DETECTD_MAX_IMAGE_PIXELS", default_value_t = 50_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_image_pixels: u64,
+    /// Pixels decoded and prepared at once, across all requests (each image counts its own
+    /// pixels and its resized copy's); images beyond wait for room. Bounds decoding memory
+    /// to roughly 25 bytes per pixel of this.
+    #[arg(long, env = "DETECTD_MAX_DECODING_PIXELS", default_value_t = 64_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_decoding_pixels: u64,
+    /// Open HTTP connections (and, separately, gRPC connections) at most; at the cap new
+    /// connections wait in the listen backlog.
+    #[arg(long, env = "DETECTD_MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Seconds a client may take to send a request's headers, or leave a kept-alive HTTP/1
+    /// connection idle, before it is closed.
+    #[arg(long, env = "DETECTD_HEADER_READ_TIMEOUT_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_read_timeout_s: u64,
+    /// Seconds a request body may take to arrive; slower senders get 408 and are closed.
+    #[arg(long, env = "DETECTD_BODY_READ_TIMEOUT_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_read_timeout_s: u64,
+    /// HTTP/2 (and gRPC) streams per connection, at most.
+    #[arg(long, env = "DETECTD_MAX_CONCURRENT_STREAMS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
     /// Bearer key required by /detect, /classify and /v1/models.
     #[arg(long, env = "DETECTD_API_KEY")]
     pub api_key: Option<String>,
@@ -87,11 +119,11 @@ pub struct ServeArgs {
     #[arg(long, env = "DETECTD_SHUTDOWN_TIMEOUT_S", default_value_t = 30)]
     pub shutdown_timeout_s: u64,
     /// libtorch intra-op threads (default: all cores).
-    #[arg(long, env = "DETECTD_THREADS")]
+    #[arg(long, env = "DETECTD_THREADS", value_parser = clap::value_parser!(i32).range(1..=1024))]
     pub threads: Option<i32>,
     /// Images in the warm-up pass (default: --max-batch-size).
-    #[arg(long, env = "DETECTD_WARMUP_IMAGES")]
-    pub warmup_images: Option<usize>,
+    #[arg(long, env = "DETECTD_WARMUP_IMAGES", value_parser = clap::value_parser!(u32).range(0..=1024))]
+    pub warmup_images: Option<u32>,
     #[command(flatten)]
     pub cache: CacheArgs,
 }
@@ -159,11 +191,13 @@ fn start_models(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<(Ser
     fetch_published(args)?;
     let device = device::resolve(args.device)?;
     let batch = BatchConfig {
-        max_batch_size: args.max_batch_size.max(1),
+        max_batch_size: args.max_batch_size as usize,
         max_batch_delay: Duration::from_millis(args.max_batch_delay_ms),
-        max_queue: args.max_queue.max(1),
+        max_queue: args.max_queue as usize,
     };
-    let warmup_images = args.warmup_images.unwrap_or(batch.max_batch_size);
+    let warmup_images = args
+        .warmup_images
+        .map_or(batch.max_batch_size, |n| n as usize);
     let mut workers = Vec::new();
     let detector = match &args.detector_weights {
         Some(w) => {
@@ -214,8 +248,12 @@ fn start_models(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<(Ser
         classifier,
         classifier_preset: args.preset,
         metrics: metrics.clone(),
-        max_pixels: args.max_image_pixels,
-        request_timeout: Duration::from_millis(args.request_timeout_ms),
+        limits: Limits {
+            max_pixels: args.max_image_pixels,
+            max_images: args.max_images_per_request as usize,
+            request_timeout: Duration::from_millis(args.request_timeout_ms),
+            decoding: Decoding::new(args.max_decoding_pixels),
+        },
         admission: Default::default(),
     };
     Ok((service, workers))
@@ -228,10 +266,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("no model loaded: give --detector-weights and/or --classifier-weights");
     }
     let service = Arc::new(service);
+    let body_limits = BodyLimits::new(
+        args.max_body_bytes as usize,
+        args.max_images_per_request as usize,
+        Duration::from_secs(args.body_read_timeout_s),
+        usize::try_from(args.max_inflight_bytes).unwrap_or(usize::MAX),
+    );
     let state = Arc::new(AppState::new(
         service.clone(),
         args.api_key.clone(),
-        args.max_body_bytes,
+        body_limits,
     ));
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
@@ -252,7 +296,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let grpc = grpc_listener.map(|listener| {
         let config = GrpcConfig {
             api_key: args.api_key.clone(),
-            max_message_bytes: args.max_body_bytes,
+            max_message_bytes: args.max_body_bytes as usize,
+            max_connections: args.max_connections as usize,
+            max_concurrent_streams: args.max_concurrent_streams,
+            // The message may take the body read timeout to arrive, then the request its own.
+            call_timeout: Duration::from_secs(args.body_read_timeout_s)
+                + Duration::from_millis(args.request_timeout_ms),
         };
         tokio::spawn(grpc::serve(
             listener,
@@ -262,10 +311,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ))
     });
     let app = router(state.clone(), &args.cors_origin);
-    let server = axum::serve(listener, app).with_graceful_shutdown(when_drained(drained));
+    let connections = ConnectionLimits {
+        max_connections: args.max_connections as usize,
+        header_read_timeout: Duration::from_secs(args.header_read_timeout_s),
+        max_concurrent_streams: args.max_concurrent_streams,
+    };
+    let server = crate::http::serve(
+        listener,
+        app,
+        connections,
+        metrics.open_connections.clone(),
+        when_drained(drained),
+    );
     let limit = Duration::from_secs(args.shutdown_timeout_s);
     tokio::select! {
-        result = server => result?,
+        _ = server => {},
         _ = async { stop.notified().await; tokio::time::sleep(limit).await } => {
             tracing::warn!(seconds = args.shutdown_timeout_s, "shutdown timeout reached with requests unfinished");
             return Ok(());

@@ -27,9 +27,10 @@ use pb::detector_server::{Detector, DetectorServer};
 pub fn status(e: ServiceError) -> Status {
     let message = e.to_string();
     match e {
-        ServiceError::Image { .. } | ServiceError::InvalidParameter(_) => {
-            Status::invalid_argument(message)
-        }
+        ServiceError::Image { .. }
+        | ServiceError::Unusable { .. }
+        | ServiceError::TooManyImages { .. }
+        | ServiceError::InvalidParameter(_) => Status::invalid_argument(message),
         ServiceError::NotLoaded(_) => Status::not_found(message),
         ServiceError::NotReady(_) | ServiceError::Draining => Status::unavailable(message),
         ServiceError::QueueFull => Status::resource_exhausted(message),
@@ -225,6 +226,80 @@ async fn track_health(service: Arc<Service>, reporter: HealthReporter) {
 pub struct GrpcConfig {
     pub api_key: Option<String>,
     pub max_message_bytes: usize,
+    pub max_connections: usize,
+    pub max_concurrent_streams: u32,
+    /// Calls that take longer, the message's arrival included, are cancelled (tonic's own
+    /// limit, as CANCELLED; the request deadline inside it answers DEADLINE_EXCEEDED).
+    pub call_timeout: Duration,
+}
+
+/// A connection that holds its place under the connection cap for as long as it lives.
+struct Held {
+    stream: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tonic::transport::server::Connected for Held {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for Held {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Held {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Accepted connections, at most `max` open at once: at the cap, accepting waits (new
+/// clients wait in the listen backlog) instead of taking on more.
+fn capped(
+    listener: tokio::net::TcpListener,
+    max: usize,
+) -> impl tokio_stream::Stream<Item = std::io::Result<Held>> {
+    let permits = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
+    futures_util::stream::unfold((listener, permits), |(listener, permits)| async move {
+        let permit = permits.clone().acquire_owned().await.ok()?;
+        let accepted = listener.accept().await.map(|(stream, _)| {
+            let _ = stream.set_nodelay(true);
+            Held {
+                stream,
+                _permit: permit,
+            }
+        });
+        if accepted.is_err() {
+            // Out of descriptors, say: tonic goes straight back to accepting, so pause here.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Some((accepted, (listener, permits)))
+    })
 }
 
 /// Serves gRPC on `listener` until `shutdown` resolves; calls in flight then finish.
@@ -245,8 +320,13 @@ pub async fn serve(
         .max_encoding_message_size(config.max_message_bytes);
     let detector =
         tonic::service::interceptor::InterceptedService::new(detector, check_key(config.api_key));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = capped(listener, config.max_connections);
     let result = tonic::transport::Server::builder()
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .concurrency_limit_per_connection(config.max_concurrent_streams as usize)
+        .timeout(config.call_timeout)
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health)
         .add_service(reflection)
         .add_service(detector)

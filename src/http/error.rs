@@ -24,6 +24,14 @@ pub enum ApiError {
     #[error("{0}")]
     ImageTooLarge(String),
     #[error("{0}")]
+    TooManyImages(String),
+    #[error("{0}")]
+    UnusableImage(String),
+    #[error("{0}")]
+    BodyTimeout(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("{0}")]
     InvalidParameter(String),
@@ -50,13 +58,19 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) | ApiError::InvalidImage(_) => StatusCode::BAD_REQUEST,
-            ApiError::BodyTooLarge(_) | ApiError::ImageTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTooLarge(_) | ApiError::ImageTooLarge(_) | ApiError::TooManyImages(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            ApiError::UnusableImage(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::InvalidParameter(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound(_) | ApiError::ModelNotLoaded(_) => StatusCode::NOT_FOUND,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::QueueFull => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::NotReady(_) | ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotReady(_) | ApiError::Draining | ApiError::Busy(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -68,6 +82,10 @@ impl ApiError {
             ApiError::InvalidImage(_) => "invalid_image",
             ApiError::BodyTooLarge(_) => "body_too_large",
             ApiError::ImageTooLarge(_) => "image_too_large",
+            ApiError::TooManyImages(_) => "too_many_images",
+            ApiError::UnusableImage(_) => "unusable_image",
+            ApiError::BodyTimeout(_) => "body_timeout",
+            ApiError::Busy(_) => "busy",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::InvalidParameter(_) => "invalid_parameter",
             ApiError::NotFound(_) => "not_found",
@@ -84,13 +102,17 @@ impl ApiError {
 
 impl ApiError {
     /// One of each variant, so the API document lists every status and code of the table.
-    fn every() -> [ApiError; 14] {
+    fn every() -> [ApiError; 18] {
         let s = String::new;
         [
             ApiError::BadRequest(s()),
             ApiError::InvalidImage(s()),
             ApiError::BodyTooLarge(s()),
             ApiError::ImageTooLarge(s()),
+            ApiError::TooManyImages(s()),
+            ApiError::UnusableImage(s()),
+            ApiError::BodyTimeout(s()),
+            ApiError::Busy(s()),
             ApiError::UnsupportedMediaType(s()),
             ApiError::InvalidParameter(s()),
             ApiError::NotFound(s()),
@@ -128,7 +150,7 @@ impl utoipa::IntoResponses for ModelErrors {
                 let mut response = ResponseBuilder::new()
                     .description(format!("{reason}; code: {}", codes.join(", ")))
                     .content("application/json", content);
-                if status == 429 {
+                if status == 429 || status == 503 {
                     response = response.header(
                         "retry-after",
                         HeaderBuilder::new()
@@ -151,6 +173,8 @@ impl From<ServiceError> for ApiError {
                 ..
             } => ApiError::ImageTooLarge(e.to_string()),
             ServiceError::Image { .. } => ApiError::InvalidImage(e.to_string()),
+            ServiceError::Unusable { .. } => ApiError::UnusableImage(e.to_string()),
+            ServiceError::TooManyImages { .. } => ApiError::TooManyImages(e.to_string()),
             ServiceError::NotLoaded(_) => ApiError::ModelNotLoaded(e.to_string()),
             ServiceError::NotReady(_) => ApiError::NotReady(e.to_string()),
             ServiceError::InvalidParameter(m) => ApiError::InvalidParameter(m),
@@ -175,8 +199,12 @@ impl IntoResponse for ApiError {
             .into_response();
         let headers = response.headers_mut();
         match self {
-            ApiError::QueueFull => {
+            ApiError::QueueFull | ApiError::Busy(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            // The rest of a slow body is not worth waiting for: the connection closes.
+            ApiError::BodyTimeout(_) => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             ApiError::Unauthorized => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -63,20 +63,26 @@ fn render_format(value: Option<&str>, images: usize) -> Result<Option<render::Fo
     Ok(Some(format))
 }
 
-/// Decodes the image again and draws on it, on the blocking pool: decoding costs milliseconds
-/// against the seconds of inference, and keeps the pixels out of the queue.
+/// Decodes the image again and draws on it, on the blocking pool within the decoding budget:
+/// decoding costs milliseconds against the seconds of inference, and keeps the pixels out of
+/// the queue.
 async fn rendered(
+    state: &AppState,
     image: bytes::Bytes,
-    max_pixels: u64,
+    pixels: u64,
+    deadline: Instant,
     detections: Vec<DetectionJson>,
     format: render::Format,
 ) -> Result<Response, ApiError> {
-    let encoded = tokio::task::spawn_blocking(move || {
-        render::annotate(&image, max_pixels, &detections, format)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("render task failed: {e}")))?
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let limits = &state.service.limits;
+    let max_pixels = limits.max_pixels;
+    let encoded = limits
+        .decoding
+        .run(pixels, deadline, move || {
+            render::annotate(&image, max_pixels, &detections, format)
+        })
+        .await?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(([(header::CONTENT_TYPE, format.content_type())], encoded).into_response())
 }
 
@@ -85,8 +91,8 @@ async fn read_body<P: Params>(
     query: Result<Query<P>, QueryRejection>,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(Vec<bytes::Bytes>, P), ApiError> {
-    input::read(headers, body, query_params(query)?, state.max_body_bytes).await
+) -> Result<input::Read<P>, ApiError> {
+    input::read(headers, body, query_params(query)?, &state.input).await
 }
 
 /// Detect objects in one image or several.
@@ -119,7 +125,12 @@ pub async fn detect(
     let started = Instant::now();
     // Draining, a missing or a loading model are refused before the body is read.
     state.service.detector()?;
-    let (images, mut params) = read_body(&state, query, &headers, body).await?;
+    // `_held` keeps the body's share of the in-flight bytes until the answer is sent.
+    let input::Read {
+        images,
+        mut params,
+        _held,
+    } = read_body(&state, query, &headers, body).await?;
     let render = render_format(params.render.take().as_deref(), images.len())?;
     // Bytes clones share the buffer; kept only when the image is to be drawn.
     let source = render.and_then(|f| Some((f, images.first()?.clone())));
@@ -130,9 +141,11 @@ pub async fn detect(
         .await?;
     if let Some((format, image)) = source {
         // render_format has checked there is exactly one result.
-        let detections = answer.results.into_iter().next().map(|r| r.output);
-        let max_pixels = state.service.max_pixels;
-        let response = rendered(image, max_pixels, detections.unwrap_or_default(), format).await?;
+        let Some(result) = answer.results.into_iter().next() else {
+            return Err(ApiError::Internal("no result for the image".into()));
+        };
+        let pixels = u64::from(result.width) * u64::from(result.height);
+        let response = rendered(&state, image, pixels, deadline, result.output, format).await?;
         return Ok(timed(response, answer.timing));
     }
     let results = answer
@@ -174,7 +187,11 @@ pub async fn classify(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     state.service.classifier()?;
-    let (images, params) = read_body(&state, query, &headers, body).await?;
+    let input::Read {
+        images,
+        params,
+        _held,
+    } = read_body(&state, query, &headers, body).await?;
     let deadline = state.service.deadline(started, None);
     let answer = state
         .service

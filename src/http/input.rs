@@ -1,12 +1,17 @@
 //! Reading a request's images and parameters: a raw image body, multipart file parts, or JSON
 //! with base64 images; parameters from the query string, JSON fields or multipart text fields.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use axum::body::Body;
 use axum::http::{header, HeaderMap};
 use base64::Engine as _;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiError;
@@ -135,25 +140,72 @@ pub struct MultipartBody<P> {
     pub params: P,
 }
 
-/// Reads the body (at most `max_body` bytes) into images, and merges body parameters into
-/// `query`.
+/// What reading one request body may cost.
+pub struct Limits {
+    /// Bytes of one body.
+    pub max_body: usize,
+    /// Images in one body; more are refused before any is decoded.
+    pub max_images: usize,
+    /// How long the whole body may take to arrive.
+    pub body_timeout: Duration,
+    /// Bytes of bodies being buffered at once across all requests (permits are KiB).
+    pub inflight: Arc<Semaphore>,
+}
+
+/// Permits count KiB, so budgets of several GiB fit the semaphore's u32.
+const BYTES_PER_PERMIT: usize = 1024;
+
+impl Limits {
+    pub fn new(
+        max_body: usize,
+        max_images: usize,
+        body_timeout: Duration,
+        max_inflight: usize,
+    ) -> Self {
+        let permits = max_inflight
+            .div_ceil(BYTES_PER_PERMIT)
+            .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        Self {
+            max_body,
+            max_images,
+            body_timeout,
+            inflight: Arc::new(Semaphore::new(permits)),
+        }
+    }
+
+    /// Small limits for the fuzz targets.
+    pub fn for_fuzzing() -> Self {
+        Self::new(1 << 20, 8, Duration::from_secs(5), 4 << 20)
+    }
+
+    /// Bytes of bodies being buffered now.
+    pub fn inflight_bytes(&self, max_inflight: usize) -> usize {
+        max_inflight.saturating_sub(self.inflight.available_permits() * BYTES_PER_PERMIT)
+    }
+}
+
+/// A request's images and parameters, and its share of the in-flight bytes, held until the
+/// request is answered.
+pub struct Read<P> {
+    pub images: Vec<Bytes>,
+    pub params: P,
+    pub _held: Option<OwnedSemaphorePermit>,
+}
+
+/// Reads the body (at most `max_body` bytes, within the body timeout and the in-flight
+/// budget) into images, and merges body parameters into `query`.
 pub async fn read<P: Params>(
     headers: &HeaderMap,
     body: Body,
     query: P,
-    max_body: usize,
-) -> Result<(Vec<Bytes>, P), ApiError> {
-    let too_large = || {
-        ApiError::BodyTooLarge(format!(
-            "request body is over the limit of {max_body} bytes"
-        ))
-    };
+    limits: &Limits,
+) -> Result<Read<P>, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > max_body) {
-        return Err(too_large());
+    if declared.is_some_and(|n| n > limits.max_body) {
+        return Err(too_large(limits.max_body));
     }
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -166,34 +218,116 @@ pub async fn read<P: Params>(
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    let bytes = axum::body::to_bytes(body, max_body).await.map_err(|e| {
-        if e.into_inner().is::<http_body_util::LengthLimitError>() {
-            too_large()
-        } else {
-            ApiError::BadRequest("could not read the request body".into())
-        }
-    })?;
-    let (images, params) = if mime.starts_with("image/") || mime == "application/octet-stream" {
-        (vec![bytes], P::default())
-    } else if mime == "multipart/form-data" {
-        read_multipart(&content_type, bytes).await?
-    } else if mime == "application/json" {
-        read_json(&bytes)?
-    } else {
+    let known = mime.starts_with("image/")
+        || matches!(
+            mime.as_str(),
+            "application/octet-stream" | "multipart/form-data" | "application/json"
+        );
+    if !known {
         return Err(ApiError::UnsupportedMediaType(format!(
             "unsupported content type {:?}: send image/*, application/octet-stream, multipart/form-data or application/json",
             if mime.is_empty() { "(none)" } else { &mime }
         )));
+    }
+    let (bytes, held) = collect(body, declared, limits).await?;
+    let (images, params) = if mime == "multipart/form-data" {
+        read_multipart(&content_type, bytes, limits.max_images).await?
+    } else if mime == "application/json" {
+        read_json(&bytes, limits.max_images)?
+    } else {
+        (vec![bytes], P::default())
     };
     if images.is_empty() {
         return Err(ApiError::BadRequest("the request holds no image".into()));
     }
-    Ok((images, query.or(params)))
+    Ok(Read {
+        images,
+        params: query.or(params),
+        _held: held,
+    })
+}
+
+fn too_large(max_body: usize) -> ApiError {
+    ApiError::BodyTooLarge(format!(
+        "request body is over the limit of {max_body} bytes"
+    ))
+}
+
+fn permits(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(BYTES_PER_PERMIT).max(1)).unwrap_or(u32::MAX)
+}
+
+/// Room for `bytes` more in the in-flight budget, or 503: a server already buffering its
+/// budget's worth of bodies turns new ones away rather than hold another 32 MiB each.
+fn hold(
+    limits: &Limits,
+    bytes: usize,
+    held: &mut Option<OwnedSemaphorePermit>,
+) -> Result<(), ApiError> {
+    let permit = limits
+        .inflight
+        .clone()
+        .try_acquire_many_owned(permits(bytes))
+        .map_err(|_| {
+            ApiError::Busy(
+                "the server is buffering as many request bytes as it may; retry shortly".into(),
+            )
+        })?;
+    match held {
+        Some(h) => h.merge(permit),
+        None => *held = Some(permit),
+    }
+    Ok(())
+}
+
+/// The whole body, within `max_body` bytes and the body timeout. A declared length is held in
+/// the in-flight budget before reading; a body of unknown length is held as it arrives.
+async fn collect(
+    body: Body,
+    declared: Option<usize>,
+    limits: &Limits,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), ApiError> {
+    let mut held = None;
+    if let Some(n) = declared {
+        hold(limits, n, &mut held)?;
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
+    let mut stream = body.into_data_stream();
+    let read = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk
+                .map_err(|_| ApiError::BadRequest("could not read the request body".into()))?;
+            if buf.len() + chunk.len() > limits.max_body {
+                return Err(too_large(limits.max_body));
+            }
+            if declared.is_none() {
+                hold(limits, chunk.len(), &mut held)?;
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(())
+    };
+    tokio::time::timeout(limits.body_timeout, read)
+        .await
+        .map_err(|_| {
+            ApiError::BodyTimeout(format!(
+                "the request body did not arrive within {} s",
+                limits.body_timeout.as_secs_f64()
+            ))
+        })??;
+    Ok((buf.freeze(), held))
+}
+
+fn too_many(count: usize, limit: usize) -> ApiError {
+    ApiError::TooManyImages(format!(
+        "the request holds {count} images; at most {limit} are taken per request"
+    ))
 }
 
 async fn read_multipart<P: Params>(
     content_type: &str,
     body: Bytes,
+    max_images: usize,
 ) -> Result<(Vec<Bytes>, P), ApiError> {
     let bad = |e: multer::Error| ApiError::BadRequest(format!("malformed multipart body: {e}"));
     let boundary = multer::parse_boundary(content_type).map_err(bad)?;
@@ -208,6 +342,11 @@ async fn read_multipart<P: Params>(
             });
         let name = field.name().unwrap_or("").to_owned();
         if is_file {
+            if images.len() == max_images {
+                return Err(ApiError::TooManyImages(format!(
+                    "the request holds more than {max_images} images; at most {max_images} are taken per request"
+                )));
+            }
             images.push(field.bytes().await.map_err(bad)?);
         } else {
             let text = field.text().await.map_err(bad)?;
@@ -220,7 +359,7 @@ async fn read_multipart<P: Params>(
     Ok((images, params))
 }
 
-fn read_json<P: Params>(bytes: &[u8]) -> Result<(Vec<Bytes>, P), ApiError> {
+fn read_json<P: Params>(bytes: &[u8], max_images: usize) -> Result<(Vec<Bytes>, P), ApiError> {
     let body: JsonBody<P> = serde_json::from_slice(bytes).map_err(|e| {
         if e.is_data() {
             ApiError::InvalidParameter(format!("invalid JSON field: {e}"))
@@ -233,6 +372,9 @@ fn read_json<P: Params>(bytes: &[u8]) -> Result<(Vec<Bytes>, P), ApiError> {
         .into_iter()
         .chain(body.images.unwrap_or_default())
         .collect();
+    if encoded.len() > max_images {
+        return Err(too_many(encoded.len(), max_images));
+    }
     let images = encoded
         .iter()
         .enumerate()

@@ -3,7 +3,8 @@
 
 mod error;
 mod handlers;
-mod input;
+pub(crate) mod input;
+mod server;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,21 +23,23 @@ use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
 pub use error::ApiError;
+pub use input::Limits as BodyLimits;
+pub use server::{serve, ConnectionLimits};
 
 use crate::service::Service;
 
 pub struct AppState {
     pub service: Arc<Service>,
     pub api_key: Option<String>,
-    pub max_body_bytes: usize,
+    pub input: input::Limits,
 }
 
 impl AppState {
-    pub fn new(service: Arc<Service>, api_key: Option<String>, max_body_bytes: usize) -> Self {
+    pub fn new(service: Arc<Service>, api_key: Option<String>, input: input::Limits) -> Self {
         Self {
             service,
             api_key,
-            max_body_bytes,
+            input,
         }
     }
 }
