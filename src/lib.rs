@@ -8,6 +8,7 @@ pub mod alloc;
 pub mod api;
 pub mod batch;
 pub mod cli;
+pub mod fuzzing;
 pub mod grpc;
 pub mod http;
 pub mod imaging;

@@ -259,6 +259,15 @@ async fn reflected_services(server: &Server) -> Vec<String> {
     }
 }
 
+/// A grey PNG of `width`×`height` pixels.
+fn png_of(width: u32, height: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(width, height, image::Rgb([120, 120, 120]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .expect("encode png");
+    out.into_inner()
+}
+
 fn code_of<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
     match r {
         Ok(ok) => panic!("expected an error, got {ok:?}"),
@@ -310,6 +319,17 @@ fn bad_input_missing_models_and_full_queues_have_their_codes() {
         }
         let empty = pb::DetectBatchRequest::default();
         assert_eq!(code_of(c.detect_batch(empty).await), Code::InvalidArgument);
+        // A 2000x1 strip has no detector size; a job larger than the queue (1) never fits.
+        let strip = png_of(2000, 1);
+        assert_eq!(
+            code_of(c.detect(bad(strip, 0.0, vec![])).await),
+            Code::InvalidArgument
+        );
+        let two = pb::DetectBatchRequest {
+            images: vec![image.clone(), image.clone()],
+            ..Default::default()
+        };
+        assert_eq!(code_of(c.detect_batch(two).await), Code::InvalidArgument);
         let classify = pb::ClassifyRequest {
             image: image.clone(),
             top_k: 1,

@@ -30,6 +30,13 @@ pub enum WeightsError {
     Unrecognized { path: PathBuf, reason: String },
 }
 
+/// Named tensors from the bytes of a `torch.save` file (zip or legacy format). The reader
+/// takes files users download from anywhere: it refuses what it does not understand rather
+/// than trusting sizes and offsets (fuzzed, see `fuzz/`).
+pub fn read_torch_bytes(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, String> {
+    pickle::load_torch_file(bytes)
+}
+
 /// The tensors of one checkpoint, by state_dict name.
 pub struct StateDict {
     pub path: PathBuf,
@@ -48,7 +55,7 @@ impl StateDict {
             Tensor::read_safetensors(path).map_err(|e| read_err(e.to_string()))?
         } else {
             let bytes = std::fs::read(path).map_err(|e| read_err(e.to_string()))?;
-            pickle::load_torch_file(&bytes).map_err(read_err)?
+            read_torch_bytes(&bytes).map_err(read_err)?
         };
         let tensors = list
             .into_iter()

@@ -1,0 +1,539 @@
+//! Limits an exposed server needs, tried as a hostile client would on the real binary: each
+//! refusal has its status and JSON error, the server answers a normal request right after, and
+//! memory stays under the bound the test states (peak RSS read from /proc, reset per test).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::*;
+use reqwest::blocking::{multipart, Client, Response};
+use serde_json::{json, Value};
+
+fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .expect("client")
+}
+
+fn post(server: &Server, path: &str, content_type: &str, body: Vec<u8>) -> Response {
+    client()
+        .post(server.url(path))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .expect("POST")
+}
+
+fn json_of(r: Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    (status, r.json().expect("JSON body"))
+}
+
+/// A grey PNG of `width`×`height` pixels (a few hundred bytes even when large).
+fn png_of(width: u32, height: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(width, height, image::Rgb([120, 110, 100]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .expect("encode png");
+    out.into_inner()
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A PNG header that declares `width`×`height` and holds no pixels.
+fn bomb_header(width: u32, height: u32) -> Vec<u8> {
+    let mut png = png_of(1, 1);
+    png[16..20].copy_from_slice(&width.to_be_bytes());
+    png[20..24].copy_from_slice(&height.to_be_bytes());
+    // The IHDR chunk's CRC covers its type and data (bytes 12..29).
+    let crc = crc32(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.to_be_bytes());
+    png
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A field of /proc/PID/status, in kB.
+fn status_kb(server: &Server, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id()))
+        .expect("read /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc status"))
+}
+
+/// Resets the server's peak RSS (VmHWM) to its current RSS; returns that RSS in MB.
+fn reset_peak(server: &Server) -> u64 {
+    let _ = std::fs::write(format!("/proc/{}/clear_refs", server.child.id()), "5");
+    status_kb(server, "VmRSS") / 1024
+}
+
+fn peak_mb(server: &Server) -> u64 {
+    status_kb(server, "VmHWM") / 1024
+}
+
+/// The server's peak RSS since `reset_peak` stayed within `bound` MB of `before`.
+fn assert_peak_within(server: &Server, before: u64, bound: u64, what: &str) {
+    let peak = peak_mb(server);
+    eprintln!("{what}: RSS {before} MB before, peak {peak} MB (bound +{bound} MB)");
+    assert!(
+        peak <= before + bound,
+        "{what}: peak {peak} MB, {before} MB before, bound +{bound} MB"
+    );
+}
+
+fn assert_error(what: &str, response: Response, status: u16, code: &str) {
+    let (got, body) = json_of(response);
+    assert_eq!(got, status, "{what}: {body}");
+    assert_eq!(body["code"], code, "{what}: {body}");
+    assert!(
+        body["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{what}: {body}"
+    );
+}
+
+fn assert_serves(server: &Server, path: &str) {
+    let r = post(server, path, "image/png", png_of(64, 48));
+    assert_eq!(r.status(), 200, "{path} after the refusals: {:?}", r.text());
+}
+
+#[test]
+fn degenerate_images_get_422_without_the_blow_up() {
+    let server = Server::start(
+        &[
+            "--detector-weights",
+            &detector_weights(),
+            "--classifier-weights",
+            &classifier_weights(),
+            "--warmup-images",
+            "0",
+        ],
+        true,
+    );
+    let before = reset_peak(&server);
+    // 1x20000 would become 232x4.64 M before the crop (13 GB of f32 in torchvision's order);
+    // 2000x1 has no detector size (0x1333).
+    for (path, w, h) in [
+        ("/classify", 20_000, 1),
+        ("/classify", 1, 20_000),
+        ("/detect", 2000, 1),
+        ("/detect", 1, 2000),
+    ] {
+        let what = format!("{w}x{h} to {path}");
+        assert_error(
+            &what,
+            post(&server, path, "image/png", png_of(w, h)),
+            422,
+            "unusable_image",
+        );
+    }
+    let peak = peak_mb(&server);
+    eprintln!("RSS {before} MB before, peak {peak} MB during the degenerate images");
+    assert!(peak < before + 200, "peak {peak} MB, {before} MB before");
+    assert_serves(&server, "/classify");
+    assert_serves(&server, "/detect");
+}
+
+#[test]
+fn too_many_images_are_refused_before_any_is_decoded() {
+    let server = Server::start(
+        &[
+            "--classifier-weights",
+            &classifier_weights(),
+            "--warmup-images",
+            "0",
+            "--max-images-per-request",
+            "4",
+            "--max-queue",
+            "3",
+        ],
+        true,
+    );
+    // Decompression-bomb headers: had any been looked at, the answer would be image_too_large.
+    let bomb = bomb_header(60_000, 60_000);
+    let before = reset_peak(&server);
+    let json_body = |n: usize| {
+        let images: Vec<String> = (0..n).map(|_| b64(&bomb)).collect();
+        serde_json::to_vec(&json!({ "images": images })).expect("json")
+    };
+    assert_error(
+        "5 images as JSON",
+        post(&server, "/classify", "application/json", json_body(5)),
+        413,
+        "too_many_images",
+    );
+    let mut form = multipart::Form::new();
+    for i in 0..5 {
+        let part = multipart::Part::bytes(bomb.clone())
+            .file_name(format!("{i}.png"))
+            .mime_str("image/png")
+            .expect("mime");
+        form = form.part("image", part);
+    }
+    let r = client()
+        .post(server.url("/classify"))
+        .multipart(form)
+        .send()
+        .expect("POST multipart");
+    assert_error("5 images as multipart", r, 413, "too_many_images");
+    // Within --max-images-per-request but more than the whole queue holds.
+    assert_error(
+        "4 images, queue of 3",
+        post(&server, "/classify", "application/json", json_body(4)),
+        413,
+        "too_many_images",
+    );
+    assert_error(
+        "one bomb",
+        post(&server, "/classify", "application/json", json_body(1)),
+        413,
+        "image_too_large",
+    );
+    assert_peak_within(&server, before, 100, "too many images");
+    assert_serves(&server, "/classify");
+}
+
+/// A series' value from Prometheus text (0 when absent).
+fn metric(server: &Server, series: &str) -> f64 {
+    server
+        .metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn a_job_stops_between_images_once_its_client_has_gone() {
+    let server = Server::start(
+        &[
+            "--detector-weights",
+            &detector_weights(),
+            "--warmup-images",
+            "0",
+            "--request-timeout-ms",
+            "3000",
+        ],
+        true,
+    );
+    // Sixteen images, each a forward pass of its own on the CPU (a second or more each):
+    // the client gets 504 after 3 s, and the worker drops the rest of the job at the next
+    // image instead of running all sixteen while other clients wait.
+    let images: Vec<String> = (0..16).map(|_| b64(&png_of(64, 48))).collect();
+    let body = serde_json::to_vec(&json!({ "images": images })).expect("json");
+    let before = reset_peak(&server);
+    assert_error(
+        "16 images past the deadline",
+        post(&server, "/detect", "application/json", body),
+        504,
+        "timeout",
+    );
+    let finished = "detectd_inference_duration_seconds_count{model=\"detector\"} ";
+    let until = Instant::now() + Duration::from_secs(120);
+    while metric(&server, finished) < 1.0 {
+        assert!(Instant::now() < until, "the job never ended");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let ran = metric(&server, "detectd_images_total{model=\"detector\"} ");
+    eprintln!("{ran} of 16 images ran");
+    assert!((1.0..=8.0).contains(&ran), "{ran} of 16 images ran");
+    // Sixteen images resized to 800x1066 in f32 are ~160 MB; one forward pass ~600 MB.
+    assert_peak_within(&server, before, 1200, "a job of 16 images");
+    // A strip the detector takes at 10x1333 (a fast pass) is answered right after.
+    let r = post(&server, "/detect", "image/png", png_of(1333, 10));
+    assert_eq!(r.status(), 200, "{:?}", r.text());
+}
+
+#[test]
+fn decoding_waits_for_room_instead_of_multiplying_memory() {
+    let server = Server::start(
+        &[
+            "--classifier-weights",
+            &classifier_weights(),
+            "--warmup-images",
+            "0",
+            "--max-decoding-pixels",
+            "20000000",
+        ],
+        true,
+    );
+    // Eight 16-megapixel PNGs (a few tens of KB each on the wire) at once; each costs ~400 MB
+    // to decode and prepare, so eight at once would take ~3 GB.
+    let big = png_of(4000, 4000);
+    let before = reset_peak(&server);
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, body) = (server.url("/classify"), big.clone());
+            std::thread::spawn(move || {
+                client()
+                    .post(url)
+                    .header("content-type", "image/png")
+                    .body(body)
+                    .send()
+                    .expect("POST")
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = handles
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .collect();
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert_peak_within(&server, before, 1000, "8 x 16 MP at once");
+    assert_serves(&server, "/classify");
+}
+
+/// Reads until the server closes the connection (or `limit` passes); returns what came.
+fn read_to_close(mut stream: TcpStream, limit: Duration) -> (String, bool) {
+    stream.set_read_timeout(Some(limit)).expect("timeout");
+    let mut got = Vec::new();
+    let closed = loop {
+        let mut buf = [0u8; 4096];
+        match stream.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&got).into_owned(), closed)
+}
+
+fn connect(server: &Server) -> TcpStream {
+    let addr = server.base.trim_start_matches("http://");
+    TcpStream::connect(addr).expect("connect")
+}
+
+fn open_connections(server: &Server) -> f64 {
+    server
+        .metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix("detectd_open_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("detectd_open_connections")
+}
+
+#[test]
+fn stalled_headers_idle_sockets_and_slow_bodies_are_closed() {
+    let server = Server::start(
+        &[
+            "--classifier-weights",
+            &classifier_weights(),
+            "--warmup-images",
+            "0",
+            "--header-read-timeout-s",
+            "2",
+            "--body-read-timeout-s",
+            "2",
+        ],
+        true,
+    );
+    let before = reset_peak(&server);
+    let mut stalled = Vec::new();
+    for _ in 0..30 {
+        let mut s = connect(&server);
+        s.write_all(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Ty")
+            .expect("write");
+        stalled.push(s);
+    }
+    let idle: Vec<TcpStream> = (0..10).map(|_| connect(&server)).collect();
+    let mut slow = Vec::new();
+    for _ in 0..10 {
+        let mut s = connect(&server);
+        s.write_all(
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000000\r\n\r\n0123456789",
+        )
+        .expect("write");
+        slow.push(s);
+    }
+    // Normal clients are served meanwhile.
+    assert_serves(&server, "/classify");
+    let started = Instant::now();
+    for s in stalled.into_iter().chain(idle) {
+        let (_, closed) = read_to_close(s, Duration::from_secs(10));
+        assert!(closed, "a stalled connection is still open");
+    }
+    for s in slow {
+        let (got, closed) = read_to_close(s, Duration::from_secs(10));
+        assert!(got.starts_with("HTTP/1.1 408"), "slow sender got {got:?}");
+        assert!(got.contains("body_timeout"), "{got:?}");
+        assert!(closed, "the slow sender's connection is still open");
+    }
+    eprintln!("all 50 closed within {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(open_connections(&server) <= 2.0);
+    assert_peak_within(&server, before, 150, "50 stalled connections");
+    assert_serves(&server, "/classify");
+}
+
+#[test]
+fn at_the_connection_cap_new_clients_wait_for_a_free_place() {
+    let server = Server::start(
+        &[
+            "--classifier-weights",
+            &classifier_weights(),
+            "--warmup-images",
+            "0",
+            "--max-connections",
+            "3",
+        ],
+        true,
+    );
+    // Give the readiness poll's connection time to close.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut held: Vec<TcpStream> = (0..3).map(|_| connect(&server)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let quick = Client::builder()
+        .timeout(Duration::from_millis(1500))
+        .build()
+        .expect("client");
+    assert!(
+        quick.get(server.url("/healthz")).send().is_err(),
+        "a fourth connection was served at a cap of 3"
+    );
+    held.pop();
+    let r = quick.get(server.url("/healthz")).send().expect("GET");
+    assert_eq!(r.status(), 200);
+}
+
+#[test]
+fn bodies_past_the_in_flight_budget_get_503_with_retry_after() {
+    let server = Server::start(
+        &[
+            "--classifier-weights",
+            &classifier_weights(),
+            "--warmup-images",
+            "0",
+            "--max-inflight-bytes",
+            "1000000",
+            "--body-read-timeout-s",
+            "30",
+        ],
+        true,
+    );
+    // A slow sender holds 900 kB of the 1 MB budget.
+    let before = reset_peak(&server);
+    let mut slow = connect(&server);
+    slow.write_all(
+        b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 900000\r\n\r\n0123",
+    )
+    .expect("write");
+    std::thread::sleep(Duration::from_millis(500));
+    let r = post(&server, "/classify", "image/png", vec![0u8; 200_000]);
+    assert!(r.headers().get("retry-after").is_some(), "no Retry-After");
+    assert_error("over the in-flight budget", r, 503, "busy");
+    assert_peak_within(&server, before, 100, "bodies over the in-flight budget");
+    drop(slow);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_serves(&server, "/classify");
+}
+
+fn detectd(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_detectd"))
+        .args(args)
+        .output()
+        .expect("run detectd")
+}
+
+#[test]
+fn the_cli_names_an_unusable_image_and_goes_on() {
+    let dir = data_dir().join(format!("hardening-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("a_strip.png"), png_of(2000, 1)).expect("write");
+    std::fs::write(dir.join("b_ok.png"), png_of(64, 48)).expect("write");
+    let weights = detector_weights();
+    let out = detectd(&["detect", "--weights", &weights, &path_str(&dir)]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("a_strip.png"), "{stderr}");
+    assert!(stderr.contains("one side would be empty"), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    assert!(lines[0].contains("b_ok.png"), "{stdout}");
+    // Out-of-range values are usage errors (exit 2), not panics.
+    let classifier = classifier_weights();
+    let image = path_str(&dir.join("b_ok.png"));
+    for args in [
+        vec!["classify", "--weights", &classifier, "--top-k", "0", &image],
+        vec![
+            "detect",
+            "--weights",
+            &weights,
+            "--score-threshold",
+            "2",
+            &image,
+        ],
+        vec![
+            "bench",
+            "--model",
+            "classifier",
+            "--weights",
+            &classifier,
+            "--iters",
+            "0",
+        ],
+        vec![
+            "bench",
+            "--model",
+            "classifier",
+            "--weights",
+            &classifier,
+            "--size",
+            "0x5",
+        ],
+        vec!["serve", "--max-queue", "0"],
+    ] {
+        let out = detectd(&args);
+        let code = out.status.code();
+        assert!(
+            matches!(code, Some(1) | Some(2)),
+            "{args:?}: {code:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A labels file whose ids disagree with the model's classes is an error, not a shift.
+    let labels = dir.join("labels.txt");
+    std::fs::write(&labels, "1\tperson\n95\tunicorn\n").expect("write");
+    let out = detectd(&[
+        "detect",
+        "--weights",
+        &weights,
+        "--labels",
+        &path_str(&labels),
+        &image,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("line 2") && stderr.contains("id 95"),
+        "{stderr}"
+    );
+}
