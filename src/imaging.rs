@@ -53,7 +53,12 @@ pub fn probe(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
 
 /// Decodes to RGB8, refusing images over `max_pixels` from their header.
 pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
-    Ok(to_tensor(&decode_pixels(bytes, max_pixels)?))
+    let pixels = decode_pixels(bytes, max_pixels)?;
+    let (width, height) = pixels.dimensions();
+    let hwc = hwc_tensor(&pixels)?;
+    // The pixel buffer goes before the reordered copy is made: two copies at the peak, not three.
+    drop(pixels);
+    chw(hwc, width, height)
 }
 
 /// Decodes to an RGB8 pixel buffer (EXIF orientation applied), for drawing on.
@@ -83,21 +88,38 @@ pub fn decode_pixels(bytes: &[u8], max_pixels: u64) -> Result<image::RgbImage, I
     let mut img =
         DynamicImage::from_decoder(decoder).map_err(|e| ImageError::Decode(e.to_string()))?;
     img.apply_orientation(orientation);
-    Ok(img.to_rgb8())
+    // into_: an image decoded as RGB8 already is moved, not copied.
+    Ok(img.into_rgb8())
 }
 
 /// The `[3, H, W]` uint8 tensor of a pixel buffer.
-pub fn to_tensor(rgb: &image::RgbImage) -> RgbImage {
+pub fn to_tensor(rgb: &image::RgbImage) -> Result<RgbImage, ImageError> {
+    let (width, height) = rgb.dimensions();
+    chw(hwc_tensor(rgb)?, width, height)
+}
+
+fn tensor_error(e: tch::TchError) -> ImageError {
+    ImageError::Decode(format!("cannot hold the pixels: {e}"))
+}
+
+/// A copy of the pixels as an `[H, W, 3]` tensor.
+fn hwc_tensor(rgb: &image::RgbImage) -> Result<Tensor, ImageError> {
     let (w, h) = rgb.dimensions();
-    let tensor = Tensor::from_slice(rgb.as_raw())
-        .view([h as i64, w as i64, 3])
-        .permute([2, 0, 1])
-        .contiguous();
-    RgbImage {
-        width: w,
-        height: h,
+    Tensor::f_from_slice(rgb.as_raw())
+        .and_then(|t| t.f_view([i64::from(h), i64::from(w), 3]))
+        .map_err(tensor_error)
+}
+
+fn chw(hwc: Tensor, width: u32, height: u32) -> Result<RgbImage, ImageError> {
+    let tensor = hwc
+        .f_permute([2, 0, 1])
+        .and_then(|t| t.f_contiguous())
+        .map_err(tensor_error)?;
+    Ok(RgbImage {
+        width,
+        height,
         tensor,
-    }
+    })
 }
 
 /// The JPEG decoder pads a truncated scan with grey instead of failing; a complete file has an

@@ -302,7 +302,7 @@ impl Loaded {
     fn read(path: &Path, keep_pixels: bool) -> Result<(Loaded, imaging::RgbImage), String> {
         let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
         let pixels = imaging::decode_pixels(&bytes, u64::MAX).map_err(|e| e.to_string())?;
-        let tensor = imaging::to_tensor(&pixels);
+        let tensor = imaging::to_tensor(&pixels).map_err(|e| e.to_string())?;
         let image = Loaded {
             path: path.to_owned(),
             width: tensor.width,
