@@ -3,7 +3,7 @@
 
 use super::pb;
 use crate::api::{DetectionJson, PredictionJson};
-use crate::service::{Answer, ClassifyOptions, DetectOptions, Service};
+use crate::service::{Answer, ClassifyOptions, DetectOptions, ModelState, Service, Task};
 
 pub fn detect_options(
     score_threshold: f32,
@@ -68,20 +68,20 @@ pub fn classify_responses(answer: Answer<Vec<PredictionJson>>) -> Vec<pb::Classi
         .collect()
 }
 
-fn model<I: Send + 'static, O: Send + 'static>(
-    info: &crate::service::ModelInfo,
-    rpc: &str,
-    batcher: &crate::batch::Batcher<I, O>,
-) -> pb::Model {
-    let b = batcher.config();
+fn model(m: ModelState) -> pb::Model {
+    let rpc = match m.task {
+        Task::Detect => "Detect",
+        Task::Classify => "Classify",
+    };
+    let b = m.batching;
     pb::Model {
-        name: info.name.clone(),
+        name: m.info.name,
         rpc: rpc.into(),
-        arch: info.arch.clone(),
-        num_classes: info.num_classes as u32,
-        device: info.device.clone(),
-        precision: info.precision.clone(),
-        ready: batcher.is_ready(),
+        arch: m.info.arch,
+        num_classes: m.info.num_classes as u32,
+        device: m.info.device,
+        precision: m.info.precision,
+        ready: m.ready,
         batching: Some(pb::Batching {
             max_batch_size: b.max_batch_size as u32,
             max_batch_delay_ms: b.max_batch_delay.as_millis() as u32,
@@ -91,12 +91,6 @@ fn model<I: Send + 'static, O: Send + 'static>(
 }
 
 pub fn models(service: &Service) -> pb::ListModelsResponse {
-    let mut models = Vec::new();
-    if let Some(d) = &service.detector {
-        models.push(model(&d.info, "Detect", &d.batcher));
-    }
-    if let Some(c) = &service.classifier {
-        models.push(model(&c.info, "Classify", &c.batcher));
-    }
+    let models = service.models().into_iter().map(model).collect();
     pb::ListModelsResponse { models }
 }

@@ -22,8 +22,9 @@ use crate::api::{
     BatchingJson, ClassifyResponse, DetectResponse, ImageDetections, ImagePredictions, ModelStatus,
     ModelsResponse, StatusBody,
 };
-use crate::batch::Timing;
+
 use crate::render;
+use crate::service::{ModelState, Task, Timing};
 
 fn query_params<P>(query: Result<Query<P>, QueryRejection>) -> Result<P, ApiError> {
     query
@@ -223,31 +224,29 @@ pub async fn classify(
     security((), ("api_key" = [])),
 )]
 pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelsResponse> {
-    let s = &state.service;
-    let mut models = Vec::new();
-    if let Some(d) = &s.detector {
-        models.push(model_status(&d.info, "/detect", &d.batcher));
-    }
-    if let Some(c) = &s.classifier {
-        models.push(model_status(&c.info, "/classify", &c.batcher));
-    }
+    let models = state
+        .service
+        .models()
+        .into_iter()
+        .map(model_status)
+        .collect();
     Json(ModelsResponse { models })
 }
 
-fn model_status<I: Send + 'static, O: Send + 'static>(
-    info: &crate::service::ModelInfo,
-    endpoint: &str,
-    batcher: &crate::batch::Batcher<I, O>,
-) -> ModelStatus {
-    let b = batcher.config();
+fn model_status(m: ModelState) -> ModelStatus {
+    let endpoint = match m.task {
+        Task::Detect => "/detect",
+        Task::Classify => "/classify",
+    };
+    let b = m.batching;
     ModelStatus {
-        name: info.name.clone(),
+        name: m.info.name,
         endpoint: endpoint.into(),
-        arch: info.arch.clone(),
-        classes: info.num_classes,
-        device: info.device.clone(),
-        precision: info.precision.clone(),
-        ready: batcher.is_ready(),
+        arch: m.info.arch,
+        classes: m.info.num_classes,
+        device: m.info.device,
+        precision: m.info.precision,
+        ready: m.ready,
         batching: BatchingJson {
             max_batch_size: b.max_batch_size,
             max_batch_delay_ms: b.max_batch_delay.as_millis() as u64,

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::api::{DetectionJson, PredictionJson};
-use crate::batch::{Batcher, SubmitError, Timing};
+pub use crate::batch::{BatchConfig, Timing};
+use crate::batch::{Batcher, SubmitError};
 use crate::imaging::{self, ImageError};
 use crate::labels::Labels;
 use crate::metrics::Metrics;
@@ -37,6 +38,22 @@ pub struct ModelInfo {
     pub device: String,
     pub precision: String,
     pub num_classes: i64,
+}
+
+/// What a model does; each edge names its own route for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    Detect,
+    Classify,
+}
+
+/// A loaded model as both edges list it.
+pub struct ModelState {
+    pub task: Task,
+    pub info: ModelInfo,
+    /// Weights loaded and warm-up done.
+    pub ready: bool,
+    pub batching: BatchConfig,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -236,6 +253,21 @@ impl Service {
         } else {
             Err(ServiceError::NotReady("classifier"))
         }
+    }
+
+    /// Every loaded model, in the order the edges list them.
+    pub fn models(&self) -> Vec<ModelState> {
+        fn state<I: Send + 'static, O: Send + 'static>(task: Task, s: &Served<I, O>) -> ModelState {
+            ModelState {
+                task,
+                info: s.info.clone(),
+                ready: s.batcher.is_ready(),
+                batching: s.batcher.config(),
+            }
+        }
+        let detector = self.detector.iter().map(|d| state(Task::Detect, d));
+        let classifier = self.classifier.iter().map(|c| state(Task::Classify, c));
+        detector.chain(classifier).collect()
     }
 
     /// Every loaded model has finished loading and warming up.
