@@ -484,3 +484,42 @@ fn calls_before_the_model_is_ready_are_unavailable() {
     server.wait_ready();
     rt.block_on(wait_serving(&server));
 }
+
+#[test]
+fn at_the_connection_cap_a_new_channel_waits_for_a_free_place() {
+    let server = grpc_server(
+        &[
+            "--classifier-weights",
+            &classifier_weights(),
+            "--max-connections",
+            "1",
+        ],
+        true,
+    );
+    let rt = runtime();
+    rt.block_on(async {
+        // The readiness checks' channels close first.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut first = detector(&server).await;
+        first
+            .list_models(pb::ListModelsRequest {})
+            .await
+            .expect("the first channel is served");
+        let url = server.grpc.clone().expect("grpc address");
+        let second = tokio::spawn(async move {
+            let mut c = DetectorClient::new(channel(url).await);
+            c.list_models(pb::ListModelsRequest {}).await.map(|_| ())
+        });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            !second.is_finished(),
+            "a second connection was served at a cap of 1"
+        );
+        drop(first);
+        let served = tokio::time::timeout(Duration::from_secs(10), second)
+            .await
+            .expect("served once the first channel closed")
+            .expect("task");
+        assert!(served.is_ok(), "{served:?}");
+    });
+}

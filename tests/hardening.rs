@@ -407,6 +407,7 @@ fn at_the_connection_cap_new_clients_wait_for_a_free_place() {
     );
     // Give the readiness poll's connection time to close.
     std::thread::sleep(Duration::from_millis(300));
+    let before = reset_peak(&server);
     let mut held: Vec<TcpStream> = (0..3).map(|_| connect(&server)).collect();
     std::thread::sleep(Duration::from_millis(300));
     let quick = Client::builder()
@@ -420,6 +421,7 @@ fn at_the_connection_cap_new_clients_wait_for_a_free_place() {
     held.pop();
     let r = quick.get(server.url("/healthz")).send().expect("GET");
     assert_eq!(r.status(), 200);
+    assert_peak_within(&server, before, 50, "connections at the cap");
 }
 
 #[test]

@@ -1,0 +1,236 @@
+//! The fast tier: the HTTP edge and the service in-process (axum's `oneshot`), over a fake
+//! detector engine that answers at once. It checks routing, input forms and the request limits
+//! in milliseconds; the real binary with real models is `server.rs` and `hardening.rs`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use base64::Engine as _;
+use detectd::batch::{BatchConfig, Batcher, Engine};
+use detectd::http::{router, AppState, BodyLimits};
+use detectd::labels::Labels;
+use detectd::metrics::Metrics;
+use detectd::model::{Detection, ModelError, Preset};
+use detectd::service::{Decoding, DetectInput, Limits, ModelInfo, Served, Service};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+/// Finds one person in every image.
+struct FakeDetector;
+
+impl Engine for FakeDetector {
+    type Input = DetectInput;
+    type Output = Vec<Detection>;
+    fn run(&mut self, inputs: Vec<DetectInput>) -> Result<Vec<Vec<Detection>>, ModelError> {
+        let person = Detection {
+            bbox: [1.0, 2.0, 3.0, 4.0],
+            score: 0.9,
+            label: 1,
+        };
+        Ok(inputs.iter().map(|_| vec![person.clone()]).collect())
+    }
+}
+
+struct Setup {
+    max_images: usize,
+    max_queue: usize,
+    max_body: usize,
+    max_inflight: usize,
+    body_timeout: Duration,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            max_images: 32,
+            max_queue: 64,
+            max_body: 1 << 20,
+            max_inflight: 8 << 20,
+            body_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+fn app(s: Setup) -> Router {
+    let metrics = Arc::new(Metrics::new());
+    let batch = BatchConfig {
+        max_batch_size: 4,
+        max_batch_delay: Duration::from_millis(1),
+        max_queue: s.max_queue,
+    };
+    let (batcher, started, _worker) =
+        Batcher::spawn("detector", batch, metrics.clone(), || Ok(FakeDetector));
+    assert!(started.blocking_recv().expect("started").is_ok());
+    let info = ModelInfo {
+        name: "detector".into(),
+        arch: "fake".into(),
+        device: "cpu".into(),
+        precision: "fp32".into(),
+        num_classes: 91,
+    };
+    let service = Service {
+        detector: Some(Served {
+            batcher,
+            info,
+            labels: Labels::coco(),
+        }),
+        classifier: None,
+        classifier_preset: Preset::V2,
+        metrics,
+        limits: Limits {
+            max_pixels: 50_000_000,
+            max_images: s.max_images,
+            request_timeout: Duration::from_secs(10),
+            decoding: Decoding::new(64_000_000),
+        },
+        admission: Default::default(),
+    };
+    let body = BodyLimits::new(s.max_body, s.max_images, s.body_timeout, s.max_inflight);
+    router(Arc::new(AppState::new(Arc::new(service), None, body)), &[])
+}
+
+fn png_of(width: u32, height: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(width, height, image::Rgb([90, 90, 90]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .expect("encode png");
+    out.into_inner()
+}
+
+fn post(path: &str, content_type: &str, body: impl Into<Body>) -> Request<Body> {
+    Request::post(path)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(body.into())
+        .expect("request")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().expect("runtime")
+}
+
+async fn send(app: &Router, request: Request<Body>) -> (StatusCode, Value) {
+    let response = app.clone().oneshot(request).await.expect("response");
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn images_json(n: usize, image: &[u8]) -> Vec<u8> {
+    let one = base64::engine::general_purpose::STANDARD.encode(image);
+    serde_json::to_vec(&json!({ "images": vec![one; n] })).expect("json")
+}
+
+#[test]
+fn answers_flow_through_the_service_and_are_labelled() {
+    let app = app(Setup::default());
+    runtime().block_on(async {
+        let (status, body) = send(&app, post("/detect", "image/png", png_of(40, 30))).await;
+        assert_eq!(status, 200, "{body}");
+        let result = &body["results"][0];
+        assert_eq!(
+            (result["width"].as_u64(), result["height"].as_u64()),
+            (Some(40), Some(30))
+        );
+        assert_eq!(result["detections"][0]["label"], "person");
+        let (status, body) = send(
+            &app,
+            post("/detect", "application/json", images_json(3, &png_of(8, 8))),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["results"].as_array().map(Vec::len), Some(3));
+        let (status, body) = send(&app, post("/classify", "image/png", png_of(8, 8))).await;
+        assert_eq!(
+            (status.as_u16(), &body["code"]),
+            (404, &json!("model_not_loaded"))
+        );
+    });
+}
+
+#[test]
+fn limits_answer_with_their_status_and_code() {
+    let app = app(Setup {
+        max_images: 4,
+        max_queue: 3,
+        max_body: 100_000,
+        max_inflight: 50_000,
+        body_timeout: Duration::from_millis(200),
+    });
+    let small = png_of(8, 8);
+    runtime().block_on(async {
+        let cases: Vec<(&str, Request<Body>, u16, &str)> = vec![
+            (
+                "more images than allowed",
+                post("/detect", "application/json", images_json(5, &small)),
+                413,
+                "too_many_images",
+            ),
+            (
+                "more images than the queue holds",
+                post("/detect", "application/json", images_json(4, &small)),
+                413,
+                "too_many_images",
+            ),
+            (
+                "a strip with no detector size",
+                post("/detect", "image/png", png_of(2000, 1)),
+                422,
+                "unusable_image",
+            ),
+            (
+                "a body over the limit",
+                post("/detect", "image/png", vec![0u8; 100_001]),
+                413,
+                "body_too_large",
+            ),
+            (
+                "more bytes than the in-flight budget",
+                Request::post("/detect")
+                    .header(header::CONTENT_TYPE, "image/png")
+                    .header(header::CONTENT_LENGTH, "60000")
+                    .body(Body::from(vec![0u8; 60_000]))
+                    .expect("request"),
+                503,
+                "busy",
+            ),
+            (
+                "a body that never ends",
+                post(
+                    "/detect",
+                    "image/png",
+                    Body::from_stream(futures_util::stream::pending::<
+                        Result<Vec<u8>, std::io::Error>,
+                    >()),
+                ),
+                408,
+                "body_timeout",
+            ),
+            (
+                "an unknown content type",
+                post("/detect", "text/plain", "hi"),
+                415,
+                "unsupported_media_type",
+            ),
+        ];
+        for (what, request, status, code) in cases {
+            let (got, body) = send(&app, request).await;
+            assert_eq!(got.as_u16(), status, "{what}: {body}");
+            assert_eq!(body["code"], code, "{what}: {body}");
+        }
+        // Nothing was left held: a normal request still goes through.
+        let (status, body) = send(&app, post("/detect", "image/png", small.clone())).await;
+        assert_eq!(status, 200, "{body}");
+    });
+}
