@@ -259,15 +259,6 @@ async fn reflected_services(server: &Server) -> Vec<String> {
     }
 }
 
-/// A grey PNG of `width`×`height` pixels.
-fn png_of(width: u32, height: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_pixel(width, height, image::Rgb([120, 120, 120]));
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png)
-        .expect("encode png");
-    out.into_inner()
-}
-
 fn code_of<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
     match r {
         Ok(ok) => panic!("expected an error, got {ok:?}"),

@@ -12,37 +12,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use common::*;
 use reqwest::blocking::{multipart, Client, Response};
-use serde_json::{json, Value};
-
-fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()
-        .expect("client")
-}
-
-fn post(server: &Server, path: &str, content_type: &str, body: Vec<u8>) -> Response {
-    client()
-        .post(server.url(path))
-        .header("content-type", content_type)
-        .body(body)
-        .send()
-        .expect("POST")
-}
-
-fn json_of(r: Response) -> (u16, Value) {
-    let status = r.status().as_u16();
-    (status, r.json().expect("JSON body"))
-}
-
-/// A grey PNG of `width`×`height` pixels (a few hundred bytes even when large).
-fn png_of(width: u32, height: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_pixel(width, height, image::Rgb([120, 110, 100]));
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png)
-        .expect("encode png");
-    out.into_inner()
-}
+use serde_json::json;
 
 fn crc32(bytes: &[u8]) -> u32 {
     let mut crc = 0xffff_ffffu32;
@@ -160,19 +130,7 @@ fn degenerate_images_get_422_without_the_blow_up() {
 
 #[test]
 fn too_many_images_are_refused_before_any_is_decoded() {
-    let server = Server::start(
-        &[
-            "--classifier-weights",
-            &classifier_weights(),
-            "--warmup-images",
-            "0",
-            "--max-images-per-request",
-            "4",
-            "--max-queue",
-            "3",
-        ],
-        true,
-    );
+    let server = classifier_server(&["--max-images-per-request", "4", "--max-queue", "3"]);
     // Decompression-bomb headers: had any been looked at, the answer would be image_too_large.
     let bomb = bomb_header(60_000, 60_000);
     let before = reset_peak(&server);
@@ -270,17 +228,7 @@ fn a_job_stops_between_images_once_its_client_has_gone() {
 
 #[test]
 fn decoding_waits_for_room_instead_of_multiplying_memory() {
-    let server = Server::start(
-        &[
-            "--classifier-weights",
-            &classifier_weights(),
-            "--warmup-images",
-            "0",
-            "--max-decoding-pixels",
-            "20000000",
-        ],
-        true,
-    );
+    let server = classifier_server(&["--max-decoding-pixels", "20000000"]);
     // Eight 16-megapixel PNGs (a few tens of KB each on the wire) at once; each costs ~400 MB
     // to decode and prepare, so eight at once would take ~3 GB.
     let big = png_of(4000, 4000);
@@ -341,19 +289,7 @@ fn open_connections(server: &Server) -> f64 {
 
 #[test]
 fn stalled_headers_idle_sockets_and_slow_bodies_are_closed() {
-    let server = Server::start(
-        &[
-            "--classifier-weights",
-            &classifier_weights(),
-            "--warmup-images",
-            "0",
-            "--header-read-timeout-s",
-            "2",
-            "--body-read-timeout-s",
-            "2",
-        ],
-        true,
-    );
+    let server = classifier_server(&["--header-read-timeout-s", "2", "--body-read-timeout-s", "2"]);
     let before = reset_peak(&server);
     let mut stalled = Vec::new();
     for _ in 0..30 {
@@ -394,17 +330,7 @@ fn stalled_headers_idle_sockets_and_slow_bodies_are_closed() {
 
 #[test]
 fn at_the_connection_cap_new_clients_wait_for_a_free_place() {
-    let server = Server::start(
-        &[
-            "--classifier-weights",
-            &classifier_weights(),
-            "--warmup-images",
-            "0",
-            "--max-connections",
-            "3",
-        ],
-        true,
-    );
+    let server = classifier_server(&["--max-connections", "3"]);
     // Give the readiness poll's connection time to close.
     std::thread::sleep(Duration::from_millis(300));
     let before = reset_peak(&server);
@@ -426,19 +352,12 @@ fn at_the_connection_cap_new_clients_wait_for_a_free_place() {
 
 #[test]
 fn bodies_past_the_in_flight_budget_get_503_with_retry_after() {
-    let server = Server::start(
-        &[
-            "--classifier-weights",
-            &classifier_weights(),
-            "--warmup-images",
-            "0",
-            "--max-inflight-bytes",
-            "1000000",
-            "--body-read-timeout-s",
-            "30",
-        ],
-        true,
-    );
+    let server = classifier_server(&[
+        "--max-inflight-bytes",
+        "1000000",
+        "--body-read-timeout-s",
+        "30",
+    ]);
     // A slow sender holds 900 kB of the 1 MB budget.
     let before = reset_peak(&server);
     let mut slow = connect(&server);

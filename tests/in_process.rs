@@ -2,6 +2,8 @@
 //! detector engine that answers at once. It checks routing, input forms and the request limits
 //! in milliseconds; the real binary with real models is `server.rs` and `hardening.rs`.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +11,7 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use base64::Engine as _;
+use common::png_of;
 use detectd::batch::{BatchConfig, Batcher, Engine};
 use detectd::http::{router, AppState, BodyLimits};
 use detectd::labels::Labels;
@@ -91,14 +94,6 @@ fn app(s: Setup) -> Router {
     };
     let body = BodyLimits::new(s.max_body, s.max_images, s.body_timeout, s.max_inflight);
     router(Arc::new(AppState::new(Arc::new(service), None, body)), &[])
-}
-
-fn png_of(width: u32, height: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_pixel(width, height, image::Rgb([90, 90, 90]));
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png)
-        .expect("encode png");
-    out.into_inner()
 }
 
 fn post(path: &str, content_type: &str, body: impl Into<Body>) -> Request<Body> {

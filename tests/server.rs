@@ -9,29 +9,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use common::*;
-use reqwest::blocking::{multipart, Client, Response};
+use reqwest::blocking::{multipart, Response};
 use serde_json::{json, Value};
-
-fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()
-        .expect("client")
-}
-
-fn post(server: &Server, path: &str, content_type: &str, body: Vec<u8>) -> Response {
-    client()
-        .post(server.url(path))
-        .header("content-type", content_type)
-        .body(body)
-        .send()
-        .expect("POST")
-}
-
-fn json_of(r: Response) -> (u16, Value) {
-    let status = r.status().as_u16();
-    (status, r.json().expect("JSON body"))
-}
 
 fn read(p: &PathBuf) -> Vec<u8> {
     std::fs::read(p).expect("read image")

@@ -130,7 +130,7 @@ pub async fn detect(
     let input::Read {
         images,
         mut params,
-        _held,
+        held: _held,
     } = read_body(&state, query, &headers, body).await?;
     let render = render_format(params.render.take().as_deref(), images.len())?;
     // Bytes clones share the buffer; kept only when the image is to be drawn.
@@ -191,7 +191,7 @@ pub async fn classify(
     let input::Read {
         images,
         params,
-        _held,
+        held: _held,
     } = read_body(&state, query, &headers, body).await?;
     let deadline = state.service.deadline(started, None);
     let answer = state

@@ -177,11 +177,6 @@ impl Limits {
     pub fn for_fuzzing() -> Self {
         Self::new(1 << 20, 8, Duration::from_secs(5), 4 << 20)
     }
-
-    /// Bytes of bodies being buffered now.
-    pub fn inflight_bytes(&self, max_inflight: usize) -> usize {
-        max_inflight.saturating_sub(self.inflight.available_permits() * BYTES_PER_PERMIT)
-    }
 }
 
 /// A request's images and parameters, and its share of the in-flight bytes, held until the
@@ -189,7 +184,7 @@ impl Limits {
 pub struct Read<P> {
     pub images: Vec<Bytes>,
     pub params: P,
-    pub _held: Option<OwnedSemaphorePermit>,
+    pub held: Option<OwnedSemaphorePermit>,
 }
 
 /// Reads the body (at most `max_body` bytes, within the body timeout and the in-flight
@@ -243,7 +238,7 @@ pub async fn read<P: Params>(
     Ok(Read {
         images,
         params: query.or(params),
-        _held: held,
+        held,
     })
 }
 

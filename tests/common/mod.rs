@@ -289,3 +289,52 @@ pub fn histogram_count_and_le1(metrics: &str, name: &str, label: &str) -> (f64, 
 pub fn fp32() -> detectd::model::Compute {
     detectd::model::resolve_precision(detectd::model::Precision::Fp32, tch::Device::Cpu).1
 }
+
+/// A blocking HTTP client with a generous timeout (a detector pass takes seconds on a CPU).
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(std::time::Duration::from_secs(300))
+        .build()
+        .expect("client")
+}
+
+pub fn post(
+    server: &Server,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> reqwest::blocking::Response {
+    client()
+        .post(server.url(path))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .expect("POST")
+}
+
+pub fn json_of(r: reqwest::blocking::Response) -> (u16, serde_json::Value) {
+    let status = r.status().as_u16();
+    (status, r.json().expect("JSON body"))
+}
+
+/// A grey PNG of `width`×`height` pixels (a few hundred bytes even when large).
+pub fn png_of(width: u32, height: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(width, height, image::Rgb([120, 110, 100]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .expect("encode png");
+    out.into_inner()
+}
+
+/// A server with the seeded classifier, no warm-up, and `extra` flags; ready.
+pub fn classifier_server(extra: &[&str]) -> Server {
+    let weights = classifier_weights();
+    let mut args = vec![
+        "--classifier-weights",
+        weights.as_str(),
+        "--warmup-images",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&args, true)
+}
