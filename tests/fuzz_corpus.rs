@@ -63,6 +63,30 @@ fn checkpoint_corpus() {
     replay("checkpoint", detectd::fuzzing::checkpoint);
 }
 
+/// The limits that keep hostile checkpoints cheap must not refuse real ones: every seed state
+/// dict (written by torch, fuzz/seeds.py) loads.
+#[test]
+fn seed_checkpoints_load() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/checkpoint");
+    let mut files = Vec::new();
+    files_under(&dir, &mut files);
+    files.retain(|p| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("seed-"))
+    });
+    assert!(
+        !files.is_empty(),
+        "no seed checkpoints in {}",
+        dir.display()
+    );
+    for path in files {
+        let bytes = std::fs::read(&path).unwrap();
+        let tensors = detectd::weights::read_torch_bytes(&bytes)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(!tensors.is_empty(), "{}", path.display());
+    }
+}
+
 #[test]
 fn image_corpus() {
     replay("image", detectd::fuzzing::image);

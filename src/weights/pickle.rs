@@ -44,6 +44,20 @@ enum Value {
 
 const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
 
+/// Containers nested deeper are refused: values are cloned and dropped recursively, and a
+/// pickle nests one level per two bytes (200,000 nested lists overflowed the stack; reproducer
+/// in fuzz/artifacts/checkpoint/). A training checkpoint with optimizer state nests about five
+/// deep.
+const MAX_DEPTH: usize = 32;
+
+/// Bytes of values that the memo and DUP may copy: 16 MiB plus 64 per pickle byte (a state
+/// dict copies a few hundred bytes per tensor). Copies are real here, not shared references,
+/// so without a bound a value fetched twice into a tuple and memoized again doubles every 5
+/// bytes (a "billion laughs": 40 doublings in 246 bytes ran for minutes; reproducer in
+/// fuzz/artifacts/checkpoint/).
+const COPY_BYTES_MIN: usize = 16 << 20;
+const COPY_BYTES_PER_BYTE: usize = 64;
+
 /// Named tensors from the bytes of a `torch.save` file.
 pub fn load_torch_file(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, String> {
     if bytes.starts_with(b"PK\x03\x04") {
@@ -70,20 +84,32 @@ fn load_zip(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, String> {
         .ok_or("zip file without data.pkl: not a torch.save checkpoint")?
         .clone();
     let root = pkl.trim_end_matches("data.pkl").to_owned();
-    let value = Machine::new(&read_entry(&mut zip, &pkl)?).run()?;
+    let value = Machine::new(&read_entry(&mut zip, &pkl, bytes.len())?).run()?;
     let mut storages = HashMap::new();
     for t in collect_tensors(&value)? {
         if !storages.contains_key(&t.1.storage) {
-            let data = read_entry(&mut zip, &format!("{root}data/{}", t.1.storage))?;
+            let data = read_entry(
+                &mut zip,
+                &format!("{root}data/{}", t.1.storage),
+                bytes.len(),
+            )?;
             storages.insert(t.1.storage.clone(), data);
         }
     }
     materialize(value, &storages)
 }
 
-fn read_entry(zip: &mut zip::ZipArchive<Cursor<&[u8]>>, name: &str) -> Result<Vec<u8>, String> {
+/// `file_len` caps the buffer reserved up front: the size an entry declares is only a claim
+/// (a 228-byte zip claiming 4 GB reserved that much before reading a byte; reproducer in
+/// fuzz/artifacts/checkpoint/).
+fn read_entry(
+    zip: &mut zip::ZipArchive<Cursor<&[u8]>>,
+    name: &str,
+    file_len: usize,
+) -> Result<Vec<u8>, String> {
     let mut entry = zip.by_name(name).map_err(|e| format!("{name}: {e}"))?;
-    let mut out = Vec::with_capacity(entry.size() as usize);
+    let declared = usize::try_from(entry.size()).unwrap_or(usize::MAX);
+    let mut out = Vec::with_capacity(declared.min(file_len));
     entry
         .read_to_end(&mut out)
         .map_err(|e| format!("{name}: {e}"))?;
@@ -122,11 +148,15 @@ fn load_legacy(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, String> {
         let count = bytes
             .get(pos..pos + 8)
             .ok_or("file ends inside storage data")?;
-        let count = i64::from_le_bytes(count.try_into().map_err(|_| "short count")?) as usize;
-        let len = count * elem;
-        let data = bytes
-            .get(pos + 8..pos + 8 + len)
+        let count = i64::from_le_bytes(count.try_into().map_err(|_| "short count")?);
+        // The count is the file's word: negative or past the end of the file is an error, not
+        // an overflow (found by fuzzing: count * elem overflowed).
+        let data = usize::try_from(count)
+            .ok()
+            .and_then(|count| count.checked_mul(elem))
+            .and_then(|len| bytes.get(pos + 8..(pos + 8).checked_add(len)?))
             .ok_or("file ends inside storage data")?;
+        let len = data.len();
         storages.insert(key, data.to_vec());
         pos += 8 + len;
     }
@@ -177,6 +207,20 @@ fn materialize(
             .get(&t.storage)
             .ok_or_else(|| format!("{name}: storage {} missing", t.storage))?;
         let elems = (data.len() / t.kind.elt_size_in_bytes()) as i64;
+        // A view may repeat storage elements (stride 0, as `expand` makes), and `contiguous`
+        // below would allocate all of them: `torch.zeros(1).expand(2**33)` saved in 358 bytes
+        // asked for 32 GiB (reproducers in fuzz/artifacts/checkpoint/). A state dict's
+        // tensors never hold more elements than their storage.
+        let numel = t
+            .size
+            .iter()
+            .try_fold(1i64, |n, &d| if d < 0 { None } else { n.checked_mul(d) });
+        if numel.is_none_or(|n| n > elems) {
+            return Err(format!(
+                "{name}: size {:?} does not fit its storage of {elems} elements",
+                t.size
+            ));
+        }
         let flat =
             Tensor::f_from_data_size(data, &[elems], t.kind).map_err(|e| format!("{name}: {e}"))?;
         let view = flat
@@ -212,6 +256,8 @@ struct Machine<'a> {
     pos: usize,
     stack: Vec<Value>,
     memo: HashMap<u32, Value>,
+    /// What copies may still take, see `COPY_BYTES_MIN`.
+    copy_budget: usize,
 }
 
 impl<'a> Machine<'a> {
@@ -221,13 +267,18 @@ impl<'a> Machine<'a> {
             pos: 0,
             stack: Vec::new(),
             memo: HashMap::new(),
+            copy_budget: COPY_BYTES_MIN
+                .saturating_add(data.len().saturating_mul(COPY_BYTES_PER_BYTE)),
         }
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        // Lengths come from the pickle (up to 2^64 - 1 for BINUNICODE8): pos + n must not
+        // overflow (a panic with overflow checks on; reproducer in fuzz/artifacts/checkpoint/).
         let s = self
-            .data
-            .get(self.pos..self.pos + n)
+            .pos
+            .checked_add(n)
+            .and_then(|end| self.data.get(self.pos..end))
             .ok_or("pickle ends early")?;
         self.pos += n;
         Ok(s)
@@ -330,6 +381,7 @@ impl<'a> Machine<'a> {
         match op {
             b't' => {
                 let items = self.pop_mark()?;
+                check_nesting(&items)?;
                 self.stack.push(Value::Tuple(items));
             }
             0x85..=0x87 => {
@@ -340,6 +392,7 @@ impl<'a> Machine<'a> {
                     .checked_sub(n)
                     .ok_or("pickle stack underflow")?;
                 let items = self.stack.split_off(at);
+                check_nesting(&items)?;
                 self.stack.push(Value::Tuple(items));
             }
             b'q' => {
@@ -361,9 +414,11 @@ impl<'a> Machine<'a> {
             }
             b'0' => drop(self.pop()?),
             b'1' => drop(self.pop_mark()?),
-            b'2' => self
-                .stack
-                .push(self.stack.last().cloned().ok_or("empty stack")?),
+            b'2' => {
+                let top = self.stack.last().ok_or("empty stack")?;
+                let copy = copy(top, &mut self.copy_budget)?;
+                self.stack.push(copy);
+            }
             b'c' => {
                 let (module, name) = (self.line()?, self.line()?);
                 self.stack.push(Value::Global(format!("{module}.{name}")));
@@ -455,18 +510,21 @@ impl<'a> Machine<'a> {
     }
 
     fn memo_put(&mut self, key: u32) -> Result<(), String> {
-        let top = self.stack.last().cloned().ok_or("empty stack")?;
+        let top = self.stack.last().ok_or("empty stack")?;
+        let top = copy(top, &mut self.copy_budget)?;
         self.memo.insert(key, top);
         Ok(())
     }
 
     fn memo_get(&mut self, key: u32) -> Result<(), String> {
-        let v = self.memo.get(&key).cloned().ok_or("bad memo reference")?;
+        let v = self.memo.get(&key).ok_or("bad memo reference")?;
+        let v = copy(v, &mut self.copy_budget)?;
         self.stack.push(v);
         Ok(())
     }
 
     fn dict_extend(&mut self, items: Vec<Value>) -> Result<(), String> {
+        check_nesting(&items)?;
         let Some(Value::Dict(d)) = self.stack.last_mut() else {
             return Err("SETITEMS on a non-dict".into());
         };
@@ -478,6 +536,7 @@ impl<'a> Machine<'a> {
     }
 
     fn list_extend(&mut self, items: Vec<Value>) -> Result<(), String> {
+        check_nesting(&items)?;
         match self.stack.last_mut() {
             Some(Value::List(l)) => l.extend(items),
             Some(Value::Opaque) => {}
@@ -485,6 +544,50 @@ impl<'a> Machine<'a> {
         }
         Ok(())
     }
+}
+
+/// Bytes a clone of `v` takes; an error when `v` nests past `MAX_DEPTH` (counting from
+/// `depth`) or the count passes `limit`, where the walk stops.
+fn weight(v: &Value, depth: usize, limit: usize) -> Result<usize, String> {
+    if depth > MAX_DEPTH {
+        return Err(format!("pickle nests deeper than {MAX_DEPTH} levels"));
+    }
+    let mut total = std::mem::size_of::<Value>()
+        + match v {
+            Value::Str(s) | Value::Global(s) | Value::Storage(s, _) => s.len(),
+            Value::Tensor(t) => t.storage.len() + 8 * (t.size.len() + t.stride.len()),
+            _ => 0,
+        };
+    let over = || "pickle copies too much through its memo".to_string();
+    let mut add = |item: &Value| -> Result<(), String> {
+        total += weight(item, depth + 1, limit.checked_sub(total).ok_or_else(over)?)?;
+        Ok(())
+    };
+    match v {
+        Value::Tuple(items) | Value::List(items) => items.iter().try_for_each(&mut add)?,
+        Value::Dict(items) => items.iter().try_for_each(|(k, v)| {
+            add(k)?;
+            add(v)
+        })?,
+        _ => {}
+    }
+    if total > limit {
+        return Err(over());
+    }
+    Ok(total)
+}
+
+/// A clone of `v`, paid for from `budget`.
+fn copy(v: &Value, budget: &mut usize) -> Result<Value, String> {
+    *budget -= weight(v, 0, *budget)?;
+    Ok(v.clone())
+}
+
+/// Refuses items that would nest too deep inside a new or extended container.
+fn check_nesting(items: &[Value]) -> Result<(), String> {
+    items
+        .iter()
+        .try_for_each(|v| weight(v, 1, usize::MAX).map(drop))
 }
 
 /// `('storage', storage_type, key, location, numel[, view_metadata])`.
