@@ -14,32 +14,6 @@ use common::*;
 use reqwest::blocking::{multipart, Client, Response};
 use serde_json::json;
 
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &b in bytes {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-/// A PNG header that declares `width`×`height` and holds no pixels.
-fn bomb_header(width: u32, height: u32) -> Vec<u8> {
-    let mut png = png_of(1, 1);
-    png[16..20].copy_from_slice(&width.to_be_bytes());
-    png[20..24].copy_from_slice(&height.to_be_bytes());
-    // The IHDR chunk's CRC covers its type and data (bytes 12..29).
-    let crc = crc32(&png[12..29]);
-    png[29..33].copy_from_slice(&crc.to_be_bytes());
-    png
-}
-
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
@@ -132,7 +106,7 @@ fn degenerate_images_get_422_without_the_blow_up() {
 fn too_many_images_are_refused_before_any_is_decoded() {
     let server = classifier_server(&["--max-images-per-request", "4", "--max-queue", "3"]);
     // Decompression-bomb headers: had any been looked at, the answer would be image_too_large.
-    let bomb = bomb_header(60_000, 60_000);
+    let bomb = png_header_claiming(60_000, 60_000);
     let before = reset_peak(&server);
     let json_body = |n: usize| {
         let images: Vec<String> = (0..n).map(|_| b64(&bomb)).collect();
