@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::*;
-use reqwest::blocking::{multipart, Client, Response};
+use reqwest::blocking::{multipart, Client};
 use serde_json::json;
 
 fn b64(bytes: &[u8]) -> String {
@@ -50,16 +50,6 @@ fn assert_peak_within(server: &Server, before: u64, bound: u64, what: &str) {
     );
 }
 
-fn assert_error(what: &str, response: Response, status: u16, code: &str) {
-    let (got, body) = json_of(response);
-    assert_eq!(got, status, "{what}: {body}");
-    assert_eq!(body["code"], code, "{what}: {body}");
-    assert!(
-        body["error"].as_str().is_some_and(|e| !e.is_empty()),
-        "{what}: {body}"
-    );
-}
-
 fn assert_serves(server: &Server, path: &str) {
     let r = post(server, path, "image/png", png_of(64, 48));
     assert_eq!(r.status(), 200, "{path} after the refusals: {:?}", r.text());
@@ -67,17 +57,7 @@ fn assert_serves(server: &Server, path: &str) {
 
 #[test]
 fn degenerate_images_get_422_without_the_blow_up() {
-    let server = Server::start(
-        &[
-            "--detector-weights",
-            &detector_weights(),
-            "--classifier-weights",
-            &classifier_weights(),
-            "--warmup-images",
-            "0",
-        ],
-        true,
-    );
+    let server = both_models_server();
     let before = reset_peak(&server);
     // 1x20000 would become 232x4.64 M before the crop (13 GB of f32 in torchvision's order);
     // 2000x1 has no detector size (0x1333).

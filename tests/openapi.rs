@@ -9,17 +9,7 @@ use common::*;
 use serde_json::Value;
 
 fn server() -> Server {
-    Server::start(
-        &[
-            "--detector-weights",
-            &detector_weights(),
-            "--classifier-weights",
-            &classifier_weights(),
-            "--warmup-images",
-            "0",
-        ],
-        true,
-    )
+    both_models_server()
 }
 
 #[test]

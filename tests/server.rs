@@ -434,13 +434,7 @@ fn each_error_has_its_status_and_a_json_body() {
         ),
     ];
     for (what, response, status, code) in cases {
-        let (got, body) = json_of(response);
-        assert_eq!(got, status, "{what}: {body}");
-        assert_eq!(body["code"], code, "{what}: {body}");
-        assert!(
-            body["error"].as_str().is_some_and(|e| !e.is_empty()),
-            "{what}: {body}"
-        );
+        assert_error(what, response, status, code);
     }
     assert_eq!(
         client()

@@ -368,3 +368,29 @@ pub fn png_header_claiming(width: u32, height: u32) -> Vec<u8> {
     png.extend(b"IDAT");
     png
 }
+
+/// An error answer: its status, its code, and a message that is not empty.
+pub fn assert_error(what: &str, response: reqwest::blocking::Response, status: u16, code: &str) {
+    let (got, body) = json_of(response);
+    assert_eq!(got, status, "{what}: {body}");
+    assert_eq!(body["code"], code, "{what}: {body}");
+    assert!(
+        body["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{what}: {body}"
+    );
+}
+
+/// A server with both seeded models and no warm-up; ready.
+pub fn both_models_server() -> Server {
+    Server::start(
+        &[
+            "--detector-weights",
+            &detector_weights(),
+            "--classifier-weights",
+            &classifier_weights(),
+            "--warmup-images",
+            "0",
+        ],
+        true,
+    )
+}
