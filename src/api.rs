@@ -92,8 +92,55 @@ pub struct ModelStatus {
     pub classes: i64,
     pub device: String,
     pub precision: String,
+    /// With `--precision auto`, once warm: what the trial measured and chose.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub precision_trial: Option<PrecisionTrialJson>,
     pub ready: bool,
     pub batching: BatchingJson,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PrecisionTrialJson {
+    pub chosen: String,
+    /// `trial` (measured at this start) or `cache` (an earlier trial on this hardware).
+    pub source: String,
+    /// The agreement with fp32 a setting needs to be chosen.
+    pub min_agreement: f64,
+    /// Seconds the trial added to the start (when measured at this start).
+    pub trial_seconds: f64,
+    pub candidates: Vec<PrecisionCandidateJson>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PrecisionCandidateJson {
+    pub precision: String,
+    /// Best time of one pass over the trial images.
+    pub seconds: f64,
+    /// Share of fp32's answers reproduced on the trial images.
+    pub agreement: f64,
+}
+
+impl From<crate::model::autotune::Decision> for PrecisionTrialJson {
+    fn from(d: crate::model::autotune::Decision) -> Self {
+        Self {
+            chosen: d.chosen,
+            source: match d.source {
+                crate::model::autotune::Source::Trial => "trial".into(),
+                crate::model::autotune::Source::Cache => "cache".into(),
+            },
+            min_agreement: d.min_agreement,
+            trial_seconds: d.trial_seconds,
+            candidates: d
+                .measured
+                .into_iter()
+                .map(|m| PrecisionCandidateJson {
+                    precision: m.precision,
+                    seconds: m.seconds,
+                    agreement: m.agreement,
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -76,11 +76,7 @@ fn app(s: Setup) -> Router {
         num_classes: 91,
     };
     let service = Service {
-        detector: Some(Served {
-            batcher,
-            info,
-            labels: Labels::coco(),
-        }),
+        detector: Some(Served::new(batcher, info, Labels::coco())),
         classifier: None,
         classifier_preset: Preset::V2,
         metrics,

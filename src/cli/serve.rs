@@ -15,7 +15,7 @@ use crate::grpc::{self, GrpcConfig};
 use crate::http::{router, AppState};
 use crate::http::{BodyLimits, ConnectionLimits};
 use crate::metrics::Metrics;
-use crate::model::{device, ArchChoice, DeviceChoice, ModelError, Precision, Preset};
+use crate::model::{autotune, device, ArchChoice, DeviceChoice, ModelError, Precision, Preset};
 use crate::service::{
     start_classifier, start_detector, ClassifierSpec, Decoding, DetectorSpec, Limits, Service,
 };
@@ -59,8 +59,15 @@ pub struct ServeArgs {
     pub frozen_bn_eps: Option<f64>,
     #[arg(long, env = "DETECTD_DEVICE", value_enum, default_value = "auto")]
     pub device: DeviceChoice,
-    #[arg(long, env = "DETECTD_PRECISION", value_enum, default_value = "fp32")]
+    /// Numeric precision. auto (the default) measures fp32-fast, bf16 (and fp16 on CUDA)
+    /// at warm-up and keeps the fastest that agrees with fp32; fp32 is torchvision's
+    /// arithmetic bit for bit.
+    #[arg(long, env = "DETECTD_PRECISION", value_enum, default_value = "auto")]
     pub precision: Precision,
+    /// The share of fp32's answers `auto` requires of a faster setting on its trial images
+    /// (matched detections scoring ≥ 0.3, else the 20 best; equal top-1 classes).
+    #[arg(long, env = "DETECTD_AUTO_MIN_AGREEMENT", default_value_t = autotune::MIN_AGREEMENT, value_parser = super::unit_interval)]
+    pub auto_min_agreement: f64,
     /// Images per batch, at most.
     #[arg(long, env = "DETECTD_MAX_BATCH_SIZE", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub max_batch_size: u32,
@@ -209,6 +216,8 @@ fn start_models(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<(Ser
                 device,
                 precision: args.precision,
                 warmup_images,
+                cache_dir: args.cache.cache_dir.clone(),
+                min_agreement: args.auto_min_agreement,
             };
             let (served, started, handle) = start_detector(spec, batch, metrics.clone())?;
             workers.push((handle, started));
@@ -225,6 +234,8 @@ fn start_models(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<(Ser
                 device,
                 precision: args.precision,
                 warmup_images,
+                cache_dir: args.cache.cache_dir.clone(),
+                min_agreement: args.auto_min_agreement,
             };
             let (served, started, handle) = start_classifier(spec, batch, metrics.clone())?;
             workers.push((handle, started));
@@ -232,15 +243,12 @@ fn start_models(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<(Ser
         }
         None => None,
     };
+    // detectd_model_info is set by each worker once it knows its precision.
     for info in detector
         .iter()
-        .map(|d| &d.info)
-        .chain(classifier.iter().map(|c| &c.info))
+        .map(|d| d.info())
+        .chain(classifier.iter().map(|c| c.info()))
     {
-        metrics
-            .model_info
-            .with_label_values(&[&info.name, &info.arch, &info.device, &info.precision])
-            .set(1);
         metrics.queue_depth.with_label_values(&[&info.name]).set(0);
     }
     let service = Service {

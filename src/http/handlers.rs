@@ -246,6 +246,7 @@ fn model_status(m: ModelState) -> ModelStatus {
         classes: m.info.num_classes,
         device: m.info.device,
         precision: m.info.precision,
+        precision_trial: m.precision_trial.map(Into::into),
         ready: m.ready,
         batching: BatchingJson {
             max_batch_size: b.max_batch_size,

@@ -37,7 +37,8 @@ pub enum Precision {
     /// float16 likewise; for GPUs.
     #[value(name = "fp16")]
     Fp16,
-    /// fp16 on CUDA, bf16 on CPUs with AMX-BF16, else fp32-fast.
+    /// The server measures the candidates at warm-up and keeps the fastest that agrees with
+    /// fp32 (`autotune`); elsewhere a guess: fp16 on CUDA, bf16 with AMX-BF16, else fp32-fast.
     #[value(name = "auto")]
     Auto,
 }
@@ -51,6 +52,18 @@ impl Precision {
             Precision::Fp16 => "fp16",
             Precision::Auto => "auto",
         }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            Precision::Fp32,
+            Precision::Fp32Fast,
+            Precision::Bf16,
+            Precision::Fp16,
+            Precision::Auto,
+        ]
+        .into_iter()
+        .find(|p| p.name() == name)
     }
 }
 

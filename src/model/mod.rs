@@ -1,6 +1,8 @@
 //! Model code: torchvision's detector and classifier on libtorch. Knows nothing of HTTP.
 
+pub mod agreement;
 pub mod anchors;
+pub mod autotune;
 pub mod classifier;
 pub mod detector;
 pub mod device;

@@ -1,17 +1,18 @@
 //! The two models as batch engines: what a queued image carries and how a batch runs.
 
-use crate::model::resolve_precision;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 use tch::{Device, Tensor};
 
-use super::{ModelInfo, Preparer, Served};
+use super::{ModelInfo, Preparer, Served, Tuned, DEFAULT_SCORE_THRESHOLD};
 use crate::batch::{BatchConfig, Batcher, Engine};
 use crate::imaging::RgbImage;
 use crate::labels::Labels;
 use crate::metrics::Metrics;
+use crate::model::agreement::{ClassAgreement, DetectionAgreement};
+use crate::model::autotune::{self, candidates, time_passes, Decision, DecisionCache, TrialKey};
 use crate::model::classifier::CROP;
 use crate::model::detector::DetectorConfig;
 use crate::model::transform::{
@@ -19,8 +20,8 @@ use crate::model::transform::{
     prepare_detector, Prepared,
 };
 use crate::model::{
-    ArchChoice, Classifier, DetectRequest, Detection, FasterRcnn, ModelError, Precision,
-    Prediction, Preset,
+    resolve_precision, ArchChoice, Classifier, DetectRequest, Detection, FasterRcnn, ModelError,
+    Precision, Prediction, Preset,
 };
 
 /// A detector input: the image resized and normalized, and the request's score threshold
@@ -123,6 +124,10 @@ pub struct DetectorSpec {
     pub device: Device,
     pub precision: Precision,
     pub warmup_images: usize,
+    /// Where `auto` keeps its decisions.
+    pub cache_dir: PathBuf,
+    /// The agreement with fp32 `auto` requires.
+    pub min_agreement: f64,
 }
 
 pub struct ClassifierSpec {
@@ -132,21 +137,46 @@ pub struct ClassifierSpec {
     pub device: Device,
     pub precision: Precision,
     pub warmup_images: usize,
+    pub cache_dir: PathBuf,
+    pub min_agreement: f64,
 }
 
-/// A neutral image of a common camera size, for warm-up.
-fn warmup_image() -> RgbImage {
-    let (h, w) = (480, 640);
-    RgbImage {
-        width: w,
-        height: h,
-        tensor: Tensor::full(
-            [3, h as i64, w as i64],
-            114,
-            (tch::Kind::Uint8, Device::Cpu),
-        ),
-    }
+/// `n` different images of a common camera size with smooth colour fields and a few solid
+/// rectangles: warm-up and `auto`'s trial inputs, where a flat image would agree trivially.
+pub fn trial_images(n: usize, (h, w): (i64, i64)) -> Vec<RgbImage> {
+    let opts = (tch::Kind::Float, Device::Cpu);
+    let ys = Tensor::arange(h, opts).view([1, h, 1]);
+    let xs = Tensor::arange(w, opts).view([1, 1, w]);
+    (0..n)
+        .map(|i| {
+            let f = 0.011 + 0.004 * i as f64;
+            let phase = Tensor::from_slice(&[0.0f32, 2.1, 4.2]).view([3, 1, 1]) + i as f64;
+            let field = (&ys * f + &phase).sin() * (&xs * (f * 0.7) - &phase).cos() * 90.0 + 128.0;
+            for r in 0..4i64 {
+                let (k, i) = (r + 1, i as i64);
+                let (top, left) = ((37 * k + 53 * i) % (h / 2), (71 * k + 29 * i) % (w / 2));
+                let colour = Tensor::from_slice(&[
+                    (40 * k + 60 * i) % 256,
+                    (90 * k) % 256,
+                    (200 - 30 * k) % 256,
+                ])
+                .to_kind(tch::Kind::Float)
+                .view([3, 1, 1]);
+                field
+                    .narrow(1, top, h / 4)
+                    .narrow(2, left, w / 5)
+                    .copy_(&colour.expand([3, h / 4, w / 5], false));
+            }
+            RgbImage {
+                width: w as u32,
+                height: h as u32,
+                tensor: field.clamp(0.0, 255.0).to_kind(tch::Kind::Uint8),
+            }
+        })
+        .collect()
 }
+
+const TRIAL_SIZE: (i64, i64) = (480, 640);
 
 fn device_name(d: Device) -> String {
     match d {
@@ -161,64 +191,221 @@ type Started<I, O> = (
     JoinHandle<()>,
 );
 
+/// What a worker needs to make its engine: a model loaded at start (so a bad file fails the
+/// start at once), and, with `auto`, how to load the other candidates for the trial.
+struct Plan<E: Engine> {
+    engine: E,
+    precision: Precision,
+    load: Box<dyn Fn(Precision) -> Result<E, ModelError> + Send>,
+    trial: Option<Trial>,
+    /// Images per run (the trial times runs of the batch size the server will run).
+    per_run: usize,
+    /// Trial or warm-up images.
+    images: usize,
+    input: MakeInput<E::Input>,
+    agree: Agree<E::Output>,
+}
+
+/// Decoded image to the engine's input.
+type MakeInput<I> = Box<dyn Fn(&RgbImage) -> Result<I, ModelError> + Send>;
+
+type Agree<O> = Box<dyn Fn(&Vec<O>, &Vec<O>) -> f64 + Send>;
+
+impl<E: Engine> Plan<E> {
+    /// `auto`'s trial (or, with a precision set, a warm-up pass over `images` trial images,
+    /// so the first request is not the slow one): the engine to serve with, warm.
+    fn make(self) -> Result<(E, Tuned), ModelError> {
+        let images = trial_images(self.images, TRIAL_SIZE);
+        let input = self.input;
+        let pass = |engine: &mut E| run_all(engine, &images, self.per_run, &input);
+        match self.trial {
+            None => {
+                let mut engine = self.engine;
+                pass(&mut engine)?;
+                let tuned = Tuned {
+                    precision: self.precision,
+                    decision: None,
+                };
+                Ok((engine, tuned))
+            }
+            Some(trial) => {
+                let (engine, decision) = tune(self.engine, &*self.load, trial, pass, self.agree)?;
+                let tuned = Tuned {
+                    precision: decision.precision().unwrap_or(Precision::Fp32),
+                    decision: Some(decision),
+                };
+                Ok((engine, tuned))
+            }
+        }
+    }
+}
+
+/// An `auto` trial still to run on the worker.
+struct Trial {
+    key: TrialKey,
+    cache: DecisionCache,
+    device: Device,
+    min_agreement: f64,
+}
+
+fn detector_config(spec: &DetectorSpec, precision: Precision) -> DetectorConfig {
+    DetectorConfig {
+        arch: spec.arch,
+        frozen_bn_eps: spec.frozen_bn_eps,
+        device: spec.device,
+        compute: resolve_precision(precision, spec.device).1,
+    }
+}
+
+/// What `auto`'s trial needs from a model's spec.
+struct TrialArgs<'a> {
+    precision: Precision,
+    device: Device,
+    weights: &'a std::path::Path,
+    cache_dir: &'a std::path::Path,
+    min_agreement: f64,
+}
+
+impl DetectorSpec {
+    fn trial_args(&self) -> TrialArgs<'_> {
+        TrialArgs {
+            precision: self.precision,
+            device: self.device,
+            weights: &self.weights,
+            cache_dir: &self.cache_dir,
+            min_agreement: self.min_agreement,
+        }
+    }
+}
+
+impl ClassifierSpec {
+    fn trial_args(&self) -> TrialArgs<'_> {
+        TrialArgs {
+            precision: self.precision,
+            device: self.device,
+            weights: &self.weights,
+            cache_dir: &self.cache_dir,
+            min_agreement: self.min_agreement,
+        }
+    }
+}
+
+/// The trial's key and cache, or None when the precision was set explicitly.
+fn plan_trial(a: &TrialArgs, arch: &str, batch: usize) -> anyhow::Result<Option<Trial>> {
+    if a.precision != Precision::Auto {
+        return Ok(None);
+    }
+    Ok(Some(Trial {
+        key: TrialKey::new(a.device, arch, batch, a.weights)?,
+        cache: DecisionCache::new(a.cache_dir),
+        device: a.device,
+        min_agreement: a.min_agreement,
+    }))
+}
+
 /// Loads the detector here (so a bad file fails the start at once), then hands it to its
-/// worker thread, which warms it up before it reports ready.
+/// worker thread, which runs `auto`'s trial or warms it up before it reports ready.
 pub fn start_detector(
     spec: DetectorSpec,
     batch: BatchConfig,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Started<DetectInput, Vec<Detection>>> {
-    let (precision, compute) = resolve_precision(spec.precision, spec.device);
-    let config = DetectorConfig {
-        arch: spec.arch,
-        frozen_bn_eps: spec.frozen_bn_eps,
-        device: spec.device,
-        compute,
-    };
-    let model = FasterRcnn::load(&spec.weights, &config)?;
-    let labels = Labels::for_model(spec.labels.as_deref(), model.num_classes, Labels::coco)?;
-    let info = ModelInfo {
-        name: "detector".into(),
-        arch: format!(
-            "fasterrcnn_resnet50_fpn_{}",
-            format!("{:?}", model.arch).to_lowercase()
-        ),
-        device: device_name(spec.device),
-        precision: precision.name().into(),
-        num_classes: model.num_classes,
-    };
-    let warm = spec.warmup_images;
-    Ok(spawn_warm(
-        DetectorEngine(model),
-        warm,
-        |img| DetectInput::new(img, 0.05),
-        info,
-        labels,
-        batch,
-        metrics,
-    ))
+    let (plan, info, labels) = detector_plan(spec, &batch)?;
+    Ok(spawn_worker(plan, info, labels, batch, metrics))
 }
 
-/// Hands a loaded model to its worker thread, which runs `warm` neutral images through it
-/// (so the first request is not the slow one) before reporting ready.
-fn spawn_warm<E: Engine + Send>(
-    mut engine: E,
-    warm: usize,
-    input: impl Fn(&RgbImage) -> Result<E::Input, ModelError> + Send + 'static,
+/// What `spec` runs in once warm (running `auto`'s trial when it is asked for), without
+/// serving it: `detectd bench --precision auto`.
+pub fn tune_detector(spec: DetectorSpec, batch: &BatchConfig) -> anyhow::Result<Tuned> {
+    let (plan, _, _) = detector_plan(spec, batch)?;
+    Ok(plan.make()?.1)
+}
+
+fn detector_plan(
+    spec: DetectorSpec,
+    batch: &BatchConfig,
+) -> anyhow::Result<(Plan<DetectorEngine>, ModelInfo, Labels)> {
+    // With auto, fp32 is loaded first: the trial's reference.
+    let first = match spec.precision {
+        Precision::Auto => Precision::Fp32,
+        p => resolve_precision(p, spec.device).0,
+    };
+    let model = FasterRcnn::load(&spec.weights, &detector_config(&spec, first))?;
+    let labels = Labels::for_model(spec.labels.as_deref(), model.num_classes, Labels::coco)?;
+    let arch = format!(
+        "fasterrcnn_resnet50_fpn_{}",
+        format!("{:?}", model.arch).to_lowercase()
+    );
+    let info = ModelInfo {
+        name: "detector".into(),
+        arch: arch.clone(),
+        device: device_name(spec.device),
+        precision: spec.precision.name().into(),
+        num_classes: model.num_classes,
+    };
+    let per_run = batch.max_batch_size.min(model.images_per_forward).max(1);
+    let trial = plan_trial(&spec.trial_args(), &arch, per_run)?;
+    // One image: a detector pass is seconds long on a CPU, and each compares ≥ 20 boxes.
+    let images = if trial.is_some() {
+        per_run
+    } else {
+        spec.warmup_images
+    };
+    let load = move |p: Precision| {
+        FasterRcnn::load(&spec.weights, &detector_config(&spec, p)).map(DetectorEngine)
+    };
+    let agree = |reference: &Vec<Vec<Detection>>, other: &Vec<Vec<Detection>>| {
+        let mut a = DetectionAgreement::default();
+        for (r, o) in reference.iter().zip(other) {
+            a.add(r, o, TRIAL_DETECTIONS);
+        }
+        a.share()
+    };
+    let plan = Plan {
+        engine: DetectorEngine(model),
+        precision: first,
+        load: Box::new(load),
+        trial,
+        per_run,
+        images,
+        input: Box::new(|img| DetectInput::new(img, DEFAULT_SCORE_THRESHOLD)),
+        agree: Box::new(agree),
+    };
+    Ok((plan, info, labels))
+}
+
+/// Reference detections a trial compares at least (the best ones, when fewer score ≥ 0.3).
+const TRIAL_DETECTIONS: usize = 20;
+const TRIAL_CLASSIFIER_IMAGES: usize = 20;
+
+/// Hands a loaded model to its worker thread, which makes it ready (`Plan::make`) and then
+/// serves it.
+fn spawn_worker<E: Engine + Send + 'static>(
+    plan: Plan<E>,
     info: ModelInfo,
     labels: Labels,
     batch: BatchConfig,
     metrics: Arc<Metrics>,
 ) -> Started<E::Input, E::Output> {
     let name = info.name.clone();
+    let tuned = Arc::new(OnceLock::new());
+    let served_tuned = tuned.clone();
+    let gauge_info = info.clone();
+    let worker_metrics = metrics.clone();
     let (batcher, started, handle) = Batcher::spawn(&name, batch, metrics, move || {
         let malloc = crate::alloc::tune_for_tensors();
         tracing::info!(?malloc, "weights loaded, warming up");
-        if warm > 0 {
-            let img = warmup_image();
-            let inputs = (0..warm).map(|_| input(&img)).collect::<Result<_, _>>()?;
-            engine.run(inputs)?;
-        }
+        let (engine, result) = plan.make()?;
+        worker_metrics
+            .model_info
+            .with_label_values(&[
+                &gauge_info.name,
+                &gauge_info.arch,
+                &gauge_info.device,
+                result.precision.name(),
+            ])
+            .set(1);
+        let _ = tuned.set(result);
         Ok(engine)
     });
     (
@@ -226,10 +413,68 @@ fn spawn_warm<E: Engine + Send>(
             batcher,
             info,
             labels,
+            tuned: served_tuned,
         },
         started,
         handle,
     )
+}
+
+/// Runs `images` through `engine` in runs of `per_run`, answers in order.
+fn run_all<E: Engine>(
+    engine: &mut E,
+    images: &[RgbImage],
+    per_run: usize,
+    input: impl Fn(&RgbImage) -> Result<E::Input, ModelError>,
+) -> Result<Vec<E::Output>, ModelError> {
+    let mut out = Vec::with_capacity(images.len());
+    for run in images.chunks(per_run.max(1)) {
+        let inputs = run.iter().map(&input).collect::<Result<Vec<_>, _>>()?;
+        out.extend(engine.run(inputs)?);
+    }
+    Ok(out)
+}
+
+/// `auto`: the cached decision for this key, or a trial of every candidate (under the key's
+/// lock, so replicas on one machine run one trial), then the chosen model.
+fn tune<E: Engine>(
+    fp32: E,
+    load: &dyn Fn(Precision) -> Result<E, ModelError>,
+    trial: Trial,
+    pass: impl Fn(&mut E) -> Result<Vec<E::Output>, ModelError>,
+    agree: impl Fn(&Vec<E::Output>, &Vec<E::Output>) -> f64,
+) -> Result<(E, Decision), ModelError> {
+    let lock = trial.cache.lock();
+    if let Err(e) = &lock {
+        tracing::warn!(error = %e, "precision cache not usable; measuring without it");
+    }
+    if let Some(mut decision) = trial.cache.get(&trial.key) {
+        // The measurements hold for any bar; the choice is made again for this one.
+        let p = autotune::choose(&decision.measured, trial.min_agreement);
+        decision.chosen = p.name().into();
+        decision.min_agreement = trial.min_agreement;
+        tracing::info!(precision = p.name(), "precision from the cache");
+        let mut engine = if p == Precision::Fp32 { fp32 } else { load(p)? };
+        pass(&mut engine)?;
+        return Ok((engine, decision));
+    }
+    let mut fp32 = Some(fp32);
+    let run = |p: Precision| {
+        let mut engine = match fp32.take() {
+            Some(e) if p == Precision::Fp32 => e,
+            _ => load(p)?,
+        };
+        let (seconds, answers) = time_passes(|| pass(&mut engine))?;
+        Ok((engine, seconds, answers))
+    };
+    let (engine, decision) =
+        autotune::trial(&candidates(trial.device), trial.min_agreement, run, agree)?;
+    tracing::info!(chosen = %decision.chosen, seconds = decision.trial_seconds, "precision trial done");
+    if let Err(e) = trial.cache.put(&trial.key, &decision) {
+        tracing::warn!(error = %e, "precision decision not cached");
+    }
+    drop(lock);
+    Ok((engine, decision))
 }
 
 pub fn start_classifier(
@@ -237,25 +482,63 @@ pub fn start_classifier(
     batch: BatchConfig,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Started<ClassifyInput, Vec<Prediction>>> {
-    let (precision, compute) = resolve_precision(spec.precision, spec.device);
-    let model = Classifier::load(&spec.weights, spec.device, compute)?;
+    let (plan, info, labels) = classifier_plan(spec, &batch)?;
+    Ok(spawn_worker(plan, info, labels, batch, metrics))
+}
+
+/// As `tune_detector`, for the classifier.
+pub fn tune_classifier(spec: ClassifierSpec, batch: &BatchConfig) -> anyhow::Result<Tuned> {
+    let (plan, _, _) = classifier_plan(spec, batch)?;
+    Ok(plan.make()?.1)
+}
+
+fn classifier_plan(
+    spec: ClassifierSpec,
+    batch: &BatchConfig,
+) -> anyhow::Result<(Plan<ClassifierEngine>, ModelInfo, Labels)> {
+    let first = match spec.precision {
+        Precision::Auto => Precision::Fp32,
+        p => resolve_precision(p, spec.device).0,
+    };
+    let compute = |p| resolve_precision(p, spec.device).1;
+    let model = Classifier::load(&spec.weights, spec.device, compute(first))?;
     let labels = Labels::for_model(spec.labels.as_deref(), model.num_classes, Labels::imagenet)?;
+    let arch = format!("resnet50 (preset {:?})", spec.preset).to_lowercase();
     let info = ModelInfo {
         name: "classifier".into(),
-        arch: format!("resnet50 (preset {:?})", spec.preset).to_lowercase(),
+        arch: arch.clone(),
         device: device_name(spec.device),
-        precision: precision.name().into(),
+        precision: spec.precision.name().into(),
         num_classes: model.num_classes,
     };
-    let (warm, preset) = (spec.warmup_images, spec.preset);
-    let input = move |img: &RgbImage| ClassifyInput::new(img, preset, 1);
-    Ok(spawn_warm(
-        ClassifierEngine(model),
-        warm,
-        input,
-        info,
-        labels,
-        batch,
-        metrics,
-    ))
+    let per_run = batch.max_batch_size;
+    let trial = plan_trial(&spec.trial_args(), "resnet50", per_run)?;
+    // Top-1 agreement in steps of 1/20: one flip among 20 images still passes 95%.
+    let images = if trial.is_some() {
+        TRIAL_CLASSIFIER_IMAGES.max(per_run)
+    } else {
+        spec.warmup_images
+    };
+    let (weights, device, preset) = (spec.weights, spec.device, spec.preset);
+    let load = move |p: Precision| {
+        Classifier::load(&weights, device, resolve_precision(p, device).1).map(ClassifierEngine)
+    };
+    let agree = |reference: &Vec<Vec<Prediction>>, other: &Vec<Vec<Prediction>>| {
+        let mut a = ClassAgreement::default();
+        for (r, o) in reference.iter().zip(other) {
+            a.add(r, o);
+        }
+        a.share()
+    };
+    let plan = Plan {
+        engine: ClassifierEngine(model),
+        precision: first,
+        load: Box::new(load),
+        trial,
+        per_run,
+        images,
+        input: Box::new(move |img| ClassifyInput::new(img, preset, 5)),
+        agree: Box::new(agree),
+    };
+    Ok((plan, info, labels))
 }

@@ -7,7 +7,7 @@ mod decoding;
 mod engines;
 mod params;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -18,13 +18,16 @@ use crate::batch::{Batcher, SubmitError};
 use crate::imaging::{self, ImageError};
 use crate::labels::Labels;
 use crate::metrics::Metrics;
+use crate::model::autotune::Decision;
 use crate::model::transform::SizeError;
-use crate::model::{Detection, ModelError, Prediction, Preset};
+use crate::model::{Detection, ModelError, Precision, Prediction, Preset};
 
+pub use crate::model::autotune::Decision as PrecisionDecision;
 pub use admission::{Admission, InFlight};
 pub use decoding::Decoding;
 pub use engines::{
-    start_classifier, start_detector, ClassifierSpec, ClassifyInput, DetectInput, DetectorSpec,
+    start_classifier, start_detector, trial_images, tune_classifier, tune_detector, ClassifierSpec,
+    ClassifyInput, DetectInput, DetectorSpec,
 };
 pub use params::{
     ClassifyOptions, DetectOptions, DEFAULT_SCORE_THRESHOLD, DEFAULT_TOP_K, MAX_TOP_K,
@@ -54,6 +57,8 @@ pub struct ModelState {
     /// Weights loaded and warm-up done.
     pub ready: bool,
     pub batching: BatchConfig,
+    /// What `auto` measured and chose, when the precision was `auto`.
+    pub precision_trial: Option<Decision>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -83,8 +88,43 @@ pub enum ServiceError {
 /// One model behind its queue, with what preparing its inputs needs.
 pub struct Served<I, O> {
     pub batcher: Batcher<I, O>,
-    pub info: ModelInfo,
+    /// As known at start; `info()` adds the precision `auto` settled on.
+    info: ModelInfo,
     pub labels: Labels,
+    /// Set by the worker once the model is warm.
+    tuned: Arc<OnceLock<Tuned>>,
+}
+
+/// The precision a model runs in, and `auto`'s decision when it chose it.
+#[derive(Debug, Clone)]
+pub struct Tuned {
+    pub precision: Precision,
+    pub decision: Option<Decision>,
+}
+
+impl<I, O> Served<I, O> {
+    /// A model served with the precision `info` names (no `auto` trial).
+    pub fn new(batcher: Batcher<I, O>, info: ModelInfo, labels: Labels) -> Self {
+        Self {
+            batcher,
+            info,
+            labels,
+            tuned: Default::default(),
+        }
+    }
+
+    /// What the model is, with the precision it runs in once warm ("auto" before).
+    pub fn info(&self) -> ModelInfo {
+        let mut info = self.info.clone();
+        if let Some(t) = self.tuned.get() {
+            info.precision = t.precision.name().into();
+        }
+        info
+    }
+
+    pub fn precision_trial(&self) -> Option<Decision> {
+        self.tuned.get().and_then(|t| t.decision.clone())
+    }
 }
 
 /// Images decoded with their sizes.
@@ -260,9 +300,10 @@ impl Service {
         fn state<I: Send + 'static, O: Send + 'static>(task: Task, s: &Served<I, O>) -> ModelState {
             ModelState {
                 task,
-                info: s.info.clone(),
+                info: s.info(),
                 ready: s.batcher.is_ready(),
                 batching: s.batcher.config(),
+                precision_trial: s.precision_trial(),
             }
         }
         let detector = self.detector.iter().map(|d| state(Task::Detect, d));
@@ -299,7 +340,7 @@ impl Service {
         let (sizes, outputs, timing) = served
             .infer(images, &self.limits, deadline, preparer)
             .await?;
-        Ok(join(&served.info, sizes, outputs, timing, |d| {
+        Ok(join(&served.info(), sizes, outputs, timing, |d| {
             plan.select(d, &served.labels)
         }))
     }
@@ -316,7 +357,7 @@ impl Service {
         let (sizes, outputs, timing) = served
             .infer(images, &self.limits, deadline, preparer)
             .await?;
-        Ok(join(&served.info, sizes, outputs, timing, |p| {
+        Ok(join(&served.info(), sizes, outputs, timing, |p| {
             crate::api::predictions_json(p, &served.labels)
         }))
     }

@@ -186,6 +186,9 @@ impl Server {
         let stderr = std::fs::File::create(&stderr_path).expect("create server log");
         let mut child = Command::new(env!("CARGO_BIN_EXE_detectd"))
             .arg("serve")
+            // Exact fp32 unless a test asks for another precision: parity is what most
+            // server tests check, and auto's trial would add seconds to every start.
+            .env("DETECTD_PRECISION", "fp32")
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
             .stdout(std::process::Stdio::piped())
