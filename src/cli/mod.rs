@@ -1,6 +1,7 @@
 //! Command line: `detectd detect`, `detectd classify`, `detectd serve`, `detectd weights`.
 
 mod bench;
+mod compare;
 mod inputs;
 mod output;
 mod serve;
@@ -45,6 +46,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Serve /detect and /classify over HTTP.
     Serve(Box<serve::ServeArgs>),
+    /// A faster --precision against fp32 on your own weights and images: what agrees.
+    Compare(compare::CompareArgs),
     /// List or fetch torchvision's published checkpoints.
     #[command(subcommand)]
     Weights(WeightsCommand),
@@ -188,6 +191,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Weights(cmd) => weights(cmd),
         Command::Serve(args) => serve::run(*args),
         Command::Bench(args) => bench::run(args),
+        Command::Compare(args) => compare::run(args),
     }
 }
 
