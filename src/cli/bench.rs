@@ -9,10 +9,18 @@ use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
 use super::Runtime;
+use crate::model::autotune::MIN_AGREEMENT;
 use crate::model::classifier::CROP;
 use crate::model::detector::DetectorConfig;
+use crate::model::layers::{record_ops, OpCall};
 use crate::model::transform::{prepare_classifier, prepare_detector};
-use crate::model::{ArchChoice, Classifier, DetectRequest, FasterRcnn, Preset};
+use crate::model::{
+    resolve_precision, ArchChoice, Classifier, DetectRequest, FasterRcnn, Precision, Preset,
+};
+use crate::service::{
+    tune_classifier, tune_detector, BatchConfig, ClassifierSpec, DetectorSpec, Tuned,
+    DEFAULT_SCORE_THRESHOLD,
+};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum BenchModel {
@@ -37,6 +45,15 @@ pub struct BenchArgs {
     pub iters: u32,
     #[command(flatten)]
     pub runtime: Runtime,
+    /// Also time each convolution and linear call of one pass alone, on random operands of
+    /// the same shapes, kind and layout: what the model's own layer shapes reach on this
+    /// machine, and the share of the pass they take.
+    #[arg(long)]
+    pub ops: bool,
+    /// With --precision auto: where the trial's decision is cached (default: a fresh
+    /// folder, so the trial runs).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
 }
 
 fn parse_size(s: &str) -> anyhow::Result<(i64, i64)> {
@@ -51,8 +68,16 @@ fn parse_size(s: &str) -> anyhow::Result<(i64, i64)> {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
-    let (device, compute) = args.runtime.resolve()?;
+    let (device, _) = args.runtime.resolve()?;
     let (h, w) = parse_size(&args.size)?;
+    let (precision, trial) = match args.runtime.precision {
+        Precision::Auto => {
+            let tuned = auto(&args, device)?;
+            (tuned.precision, tuned.decision)
+        }
+        p => (resolve_precision(p, device).0, None),
+    };
+    let compute = resolve_precision(precision, device).1;
     tch::manual_seed(0);
     let images: Vec<Tensor> = (0..args.batch)
         .map(|_| Tensor::randint(256, [3, h, w], (Kind::Uint8, Device::Cpu)))
@@ -72,7 +97,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
                     .iter()
                     .map(prepare_detector)
                     .collect::<Result<Vec<_>, _>>()?;
-                let requests = DetectRequest::each(&prepared, 0.05);
+                let requests = DetectRequest::each(&prepared, DEFAULT_SCORE_THRESHOLD);
                 model.detect(&requests)?;
                 Ok(())
             })
@@ -100,16 +125,109 @@ pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
+    let ops = if args.ops {
+        let (result, calls) = record_ops(&mut call);
+        result?;
+        Some(time_ops(&calls, median)?)
+    } else {
+        None
+    };
     let out = json!({
         "model": format!("{:?}", args.model).to_lowercase(),
         "precision": args.runtime.precision.name(),
+        "ran": precision.name(),
+        "trial": trial,
         "batch": args.batch,
         "size": args.size,
         "threads": tch::get_num_threads(),
         "seconds_per_call": median,
         "images_per_second": args.batch as f64 / median,
         "times": times,
+        "ops": ops,
     });
     println!("{out}");
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Runs `auto`'s trial as the server does at warm-up, for this batch size.
+fn auto(args: &BenchArgs, device: Device) -> anyhow::Result<Tuned> {
+    let scratch;
+    let cache_dir = match &args.cache_dir {
+        Some(d) => d.clone(),
+        None => {
+            scratch = tempfile_dir()?;
+            scratch.clone()
+        }
+    };
+    let batch = BatchConfig {
+        max_batch_size: args.batch as usize,
+        max_batch_delay: std::time::Duration::ZERO,
+        max_queue: args.batch as usize,
+    };
+    let tuned = match args.model {
+        BenchModel::Detector => tune_detector(
+            DetectorSpec {
+                weights: args.weights.clone(),
+                arch: ArchChoice::Auto,
+                frozen_bn_eps: None,
+                labels: None,
+                device,
+                precision: Precision::Auto,
+                warmup_images: 0,
+                cache_dir: cache_dir.clone(),
+                min_agreement: MIN_AGREEMENT,
+            },
+            &batch,
+        )?,
+        BenchModel::Classifier => tune_classifier(
+            ClassifierSpec {
+                weights: args.weights.clone(),
+                preset: Preset::V2,
+                labels: None,
+                device,
+                precision: Precision::Auto,
+                warmup_images: 0,
+                cache_dir: cache_dir.clone(),
+                min_agreement: MIN_AGREEMENT,
+            },
+            &batch,
+        )?,
+    };
+    if args.cache_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&cache_dir);
+    }
+    Ok(tuned)
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("detectd-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Times each recorded call alone (best of three after one untimed call) and sums them: the
+/// pass's time if it were nothing but its convolutions and linears, each as fast as oneDNN
+/// runs it in isolation.
+fn time_ops(calls: &[OpCall], pass_seconds: f64) -> anyhow::Result<serde_json::Value> {
+    let _no_grad = tch::no_grad_guard();
+    let (mut seconds, mut flops) = (0.0, 0.0);
+    for c in calls {
+        let (x, w) = c.operands();
+        let out = c.run(&x, &w);
+        flops += c.flops(&out.size());
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let t = Instant::now();
+            let _ = c.run(&x, &w);
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        seconds += best;
+    }
+    Ok(json!({
+        "calls": calls.len(),
+        "gflop": flops / 1e9,
+        "seconds": seconds,
+        "gflop_per_second": flops / 1e9 / seconds,
+        "share_of_pass": seconds / pass_seconds,
+    }))
 }

@@ -4,9 +4,80 @@
 //! faster numeric setting: eval norms folded into the preceding conv, weights cast to bf16 or
 //! fp16 and laid out channels-last.
 
+use std::cell::RefCell;
+
 use tch::{Kind, Tensor};
 
 use crate::weights::VarPath;
+
+/// A convolution or linear layer as one pass called it: what `detectd bench --ops` times
+/// alone to find what the model's own layer shapes can reach on this machine.
+#[derive(Clone, Debug)]
+pub struct OpCall {
+    pub input: Vec<i64>,
+    pub weight: Vec<i64>,
+    pub kind: Kind,
+    pub channels_last: bool,
+    /// For convolutions: stride and padding.
+    pub conv: Option<(i64, i64)>,
+}
+
+impl OpCall {
+    /// Multiply-adds × 2 of the call.
+    pub fn flops(&self, output: &[i64]) -> f64 {
+        let out: i64 = output.iter().product();
+        let per_output: i64 = self.weight[1..].iter().product();
+        2.0 * out as f64 * per_output as f64
+    }
+
+    /// Runs the call on fresh random inputs of its shapes; returns the output.
+    pub fn run(&self, x: &Tensor, w: &Tensor) -> Tensor {
+        match self.conv {
+            Some((stride, padding)) => {
+                x.conv2d(w, None::<&Tensor>, [stride; 2], [padding; 2], [1, 1], 1)
+            }
+            None => x.linear(w, None::<&Tensor>),
+        }
+    }
+
+    /// Random input and weight of the call's shapes, kind and layout.
+    pub fn operands(&self) -> (Tensor, Tensor) {
+        let opts = (self.kind, tch::Device::Cpu);
+        let mut x = Tensor::randn(self.input.as_slice(), opts);
+        let mut w = Tensor::randn(self.weight.as_slice(), opts);
+        if self.channels_last && self.conv.is_some() {
+            x = channels_last(&x);
+            w = channels_last(&w);
+        }
+        (x, w)
+    }
+}
+
+thread_local! {
+    static RECORDED: RefCell<Option<Vec<OpCall>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f`, returning with its result every convolution and linear call made on this thread.
+pub fn record_ops<T>(f: impl FnOnce() -> T) -> (T, Vec<OpCall>) {
+    RECORDED.with(|r| *r.borrow_mut() = Some(Vec::new()));
+    let out = f();
+    let calls = RECORDED.with(|r| r.borrow_mut().take()).unwrap_or_default();
+    (out, calls)
+}
+
+fn note(x: &Tensor, w: &Tensor, conv: Option<(i64, i64)>) {
+    RECORDED.with(|r| {
+        if let Some(calls) = r.borrow_mut().as_mut() {
+            calls.push(OpCall {
+                input: x.size(),
+                weight: w.size(),
+                kind: w.kind(),
+                channels_last: x.dim() == 4 && x.stride()[1] == 1 && x.size()[1] > 1,
+                conv,
+            });
+        }
+    });
+}
 
 /// How a prepared model computes.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -89,6 +160,7 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        note(x, &self.weight, Some((self.stride, self.padding)));
         x.conv2d(
             &self.weight,
             self.bias.as_ref(),
@@ -126,6 +198,7 @@ impl Linear {
         } else {
             x.to_kind(self.weight.kind())
         };
+        note(&x, &self.weight, None);
         x.linear(&self.weight, Some(&self.bias))
     }
 
