@@ -36,12 +36,15 @@ def sh(*args, **kw):
 
 
 def weights():
+    """Seeded weights with BatchNorm statistics from data (tvref --calibrate), so activations
+    stay in range as in trained networks: rounding in bf16 is then judged less unfairly than on
+    raw random weights, which amplify it ~2x per stage."""
     os.makedirs(OUT, exist_ok=True)
-    det, cls = os.path.join(OUT, "det_v1.pth"), os.path.join(OUT, "cls.pth")
+    det, cls = os.path.join(OUT, "det_v1_calibrated.pth"), os.path.join(OUT, "cls_calibrated.pth")
     if not os.path.exists(det):
-        sh(sys.executable, TVREF, "make-detector", "--arch", "v1", "--frozen-eps", "0.0", "--seed", "7", "--weights", det)
+        sh(sys.executable, TVREF, "make-detector", "--arch", "v1", "--seed", "7", "--calibrate", "--weights", det)
     if not os.path.exists(cls):
-        sh(sys.executable, TVREF, "make-classifier", "--seed", "3", "--weights", cls)
+        sh(sys.executable, TVREF, "make-classifier", "--seed", "3", "--calibrate", "--weights", cls)
     return det, cls
 
 
@@ -61,7 +64,7 @@ def torchvision_seconds(kind, path, batch, size, iters, threads):
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, *size), generator=g, dtype=torch.uint8) for _ in range(batch)]
     if kind == "detector":
-        model = build_detector("v1", frozen_eps=0.0).eval()
+        model = build_detector("v1").eval()
         model.load_state_dict(torch.load(path))
         fn = lambda: model([i.float() / 255 for i in images])  # noqa: E731
     else:
@@ -86,10 +89,13 @@ def torchvision_tuned_seconds(kind, path, batch, size, iters, threads):
     return float(out)
 
 
-def detectd_seconds(kind, path, batch, size, iters, threads, precision):
+def detectd_run(kind, path, batch, size, iters, threads, precision):
+    """`detectd bench`'s JSON: seconds per call, what ran (auto's choice and trial) and, for
+    explicit precisions, each conv/linear of the pass timed alone (--ops)."""
+    ops = [] if precision == "auto" else ["--ops"]
     out = sh(BIN, "bench", "--model", kind, "--weights", path, "--batch", str(batch), "--size", f"{size[0]}x{size[1]}",
-             "--iters", str(iters), "--threads", str(threads), "--precision", precision, "--device", "cpu")
-    return json.loads(out)["seconds_per_call"]
+             "--iters", str(iters), "--threads", str(threads), "--precision", precision, "--device", "cpu", *ops)
+    return json.loads(out)
 
 
 def write_images(n, size, seed):
@@ -179,7 +185,7 @@ def load_test(det, cls, precision, threads, duration, connections):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--precisions", default="fp32,fp32-fast,bf16")
+    p.add_argument("--precisions", default="fp32,fp32-fast,bf16,auto")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="fewer iterations and a shorter load test")
     p.add_argument("--torchvision-only", help=argparse.SUPPRESS)
@@ -197,27 +203,55 @@ def main():
     for kind, path, batch, size in configs:
         tv = torchvision_seconds(kind, path, batch, size, iters, a.threads)
         tuned = torchvision_tuned_seconds(kind, path, batch, size, iters, a.threads)
-        ours = {pr: detectd_seconds(kind, path, batch, size, iters, a.threads, pr) for pr in precisions}
-        rows.append((kind, batch, size, tv, tuned, ours))
+        runs = {pr: detectd_run(kind, path, batch, size, iters, a.threads, pr) for pr in precisions}
+        ours = {pr: r["seconds_per_call"] for pr, r in runs.items()}
+        rows.append((kind, batch, size, tv, tuned, ours, runs))
         print(f"# {kind} batch {batch}: torchvision {tv:.3f}s (malloc as detectd {tuned:.3f}s), "
               + ", ".join(f"{k} {v:.3f}s" for k, v in ours.items()), file=sys.stderr)
-    best = min(precisions, key=lambda pr: rows[1][5][pr])
-    fast = [pr for pr in precisions if pr != "fp32"]
+    explicit = [pr for pr in precisions if pr != "auto"]
+    best = min(explicit, key=lambda pr: rows[1][5][pr])
+    fast = [pr for pr in explicit if pr != "fp32"]
     agree = {pr: agreement(det, cls, pr, a.threads) for pr in fast}
     # The detector's window spans many batches (~3 s per image here), or completions counted
     # in it say more about where the window cut a batch than about throughput.
     duration = {"detector": 90 if a.quick else 240, "classifier": 10 if a.quick else 20}
     load, rss = load_test(det, cls, best, a.threads, duration, connections=8)
 
-    cpu = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read())
-    print(f"Measured {time.strftime('%Y-%m-%d')} on {cpu.group(1) if cpu else platform.processor()}, "
-          f"{os.cpu_count()} cores, {a.threads} threads, torch {torch.__version__}, torchvision {torchvision.__version__}.\n")
+    info = open("/proc/cpuinfo").read()
+    field = lambda name: (re.search(rf"^{name}\s*:\s*(.*)$", info, re.M) or [None, "?"])[1]  # noqa: E731
+    flags = set(field("flags").split())
+    wanted = [f for f in ("avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16") if f in flags]
+    print(f"Measured {time.strftime('%Y-%m-%d')} on {field('model name')} (family {field('cpu family')}, model {field('model')}; "
+          f"flags: {' '.join(wanted) or 'no AVX-512'}), {os.cpu_count()} cores, {a.threads} threads, "
+          f"torch {torch.__version__}, torchvision {torchvision.__version__}.\n")
     print("| workload | torchvision eager fp32 | " + " | ".join(f"detectd {pr}" for pr in precisions)
           + " | torchvision, malloc as detectd |")
     print("|---|---|" + "---|" * (len(precisions) + 1))
-    for kind, batch, size, tv, tuned, ours in rows:
-        cells = [f"{ours[pr]:.3f} s ({tv / ours[pr]:.2f}×)" for pr in precisions] + [f"{tuned:.3f} s ({tv / tuned:.2f}×)"]
+    def cell(pr, tv, seconds, run):
+        chose = f", chose {run['ran']}" if pr == "auto" else ""
+        return f"{seconds:.3f} s ({tv / seconds:.2f}×{chose})"
+    for kind, batch, size, tv, tuned, ours, runs in rows:
+        cells = [cell(pr, tv, ours[pr], runs[pr]) for pr in precisions] + [f"{tuned:.3f} s ({tv / tuned:.2f}×)"]
         print(f"| {kind} {size[0]}×{size[1]}, batch {batch} | {tv:.3f} s | " + " | ".join(cells) + " |")
+    if "auto" in precisions:
+        print()
+        for kind, batch, size, tv, tuned, ours, runs in rows:
+            fastest = min(explicit, key=lambda pr: ours[pr])
+            trial = runs["auto"]["trial"] or {}
+            agreed = ", ".join(f"{m['precision']} {m['agreement']:.2f}" for m in trial.get("measured", []))
+            print(f"- auto, {kind} batch {batch}: chose {runs['auto']['ran']} ({ours['auto']:.3f} s, "
+                  f"{(ours['auto'] / ours[fastest] - 1) * 100:+.0f}% against the fastest, {fastest} {ours[fastest]:.3f} s); "
+                  f"trial {trial.get('trial_seconds', 0):.1f} s, agreement with fp32 on its images: {agreed} "
+                  f"(bar {trial.get('min_agreement', 0):.2f}).")
+    print("\nThe limit: each convolution and linear call of one pass timed alone on random operands of the same "
+          "shapes, kind and layout (`detectd bench --ops`), summed; the share is that sum over the whole pass.\n")
+    print("| workload | precision | GFLOP per call | conv+linear alone | GFLOP/s | share of the pass | pass |\n|---|---|---|---|---|---|---|")
+    for kind, batch, size, tv, tuned, ours, runs in rows:
+        for pr in explicit:
+            ops = runs[pr].get("ops")
+            if ops:
+                print(f"| {kind} batch {batch} | {pr} | {ops['gflop']:.1f} | {ops['seconds']:.3f} s | {ops['gflop_per_second']:.0f} | "
+                      f"{ops['share_of_pass'] * 100:.0f}% | {ours[pr]:.3f} s ({tv / ours[pr]:.2f}× torchvision; limit {tv / ops['seconds']:.1f}×) |")
     print("\nRatios are against the first column, torchvision as it runs by default. The last column is "
           "torchvision with detectd's glibc malloc settings (" + " ".join(f"{k}={v}" for k, v in TUNED_MALLOC.items())
           + "), the like-for-like reference for detectd fp32.")

@@ -1,7 +1,8 @@
 //! Accuracy guard for the fast precisions against exact fp32, on the same seeded weights: the
 //! share of fp32 detections scoring ≥ 0.3 that have a detection with the same label and
-//! IoU ≥ 0.9, and classifier top-1 agreement. fp32-fast (what `auto` picks on CPUs without
-//! AMX) must reach 95%. bf16 is run and its figures printed, without a bar: on random weights
+//! IoU ≥ 0.9, and classifier top-1 agreement. fp32-fast must reach 95% (the bar `auto` holds
+//! every setting to; tests/precision_auto.rs). bf16 is run and its figures printed, without a
+//! bar: on random weights
 //! it cannot be judged (torchvision's own bf16 conversion of the same random backbone is off by
 //! 13-17% in its features, where a trained network is off by ~1%), and no pretrained weights
 //! can be downloaded here.
