@@ -114,30 +114,16 @@ def write_images(n, size, seed):
     return paths
 
 
-def iou(a, b):
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
-    return inter / (area(a) + area(b) - inter) if inter > 0 else 0.0
-
-
 def agreement(det, cls, precision, threads):
-    imgs = write_images(4, (480, 640), 1)
-    run = lambda p, *a: [json.loads(l) for l in sh(BIN, *a, "--precision", p, "--device", "cpu", "--threads", str(threads)).splitlines()]  # noqa: E731
-    ref = run("fp32", "detect", "--weights", det, *imgs)
-    fast = run(precision, "detect", "--weights", det, *imgs)
-    total = matched = 0
-    for r, f in zip(ref, fast):
-        for d in r["detections"]:
-            if d["score"] < 0.3:
-                continue
-            total += 1
-            matched += any(e["label_id"] == d["label_id"] and iou(e["box"], d["box"]) >= 0.9 for e in f["detections"])
-    cimgs = write_images(20, (300, 400), 2)
-    top = lambda p: [r["predictions"][0]["label_id"] for r in run(p, "classify", "--weights", cls, "--top-k", "1", *cimgs)]  # noqa: E731
-    same = sum(a == b for a, b in zip(top("fp32"), top(precision)))
-    return matched, total, same, len(cimgs)
+    """`detectd compare` of `precision` against fp32: (matched, total) confident detections on
+    four images, (same top-1, images) for the classifier on twenty."""
+    def compare(weights, imgs):
+        out = sh(BIN, "compare", "--json", "--weights", weights, "--precision", precision, "--device", "cpu",
+                 "--threads", str(threads), *imgs)
+        return json.loads(out)["agreement"]
+    d = compare(det, write_images(4, (480, 640), 1))
+    c = compare(cls, write_images(20, (300, 400), 2))
+    return d["matched"], d["total"], c["top1"], c["images"]
 
 
 def peak_rss_mb(pid):

@@ -10,35 +10,15 @@
 mod common;
 
 use common::*;
+use detectd::model::agreement::DetectionAgreement;
 use detectd::model::classifier::CROP;
 use detectd::model::detector::DetectorConfig;
 use detectd::model::transform::{prepare_classifier, prepare_detector};
 use detectd::model::{
-    resolve_precision, ArchChoice, Classifier, Compute, DetectRequest, Detection, FasterRcnn,
-    Precision, Preset,
+    resolve_precision, ArchChoice, Classifier, Compute, DetectRequest, FasterRcnn, Precision,
+    Preset,
 };
 use tch::Device;
-
-fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
-    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
-    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
-    let inter = w * h;
-    let area = |r: &[f32; 4]| (r[2] - r[0]) * (r[3] - r[1]);
-    inter / (area(a) + area(b) - inter)
-}
-
-/// (matched, total) fp32 detections scoring ≥ 0.3.
-fn agreement(reference: &[Detection], fast: &[Detection]) -> (usize, usize) {
-    let strong: Vec<&Detection> = reference.iter().filter(|d| d.score >= 0.3).collect();
-    let matched = strong
-        .iter()
-        .filter(|r| {
-            fast.iter()
-                .any(|f| f.label == r.label && iou(&f.bbox, &r.bbox) >= 0.9)
-        })
-        .count();
-    (matched, strong.len())
-}
 
 fn detector(arch: &str, precision: Precision) -> FasterRcnn {
     // BatchNorm statistics from data and small residual branches, as in trained weights.
@@ -84,12 +64,11 @@ fn detector_agreement(arch: &str, precision: Precision) -> (usize, usize) {
     let fast = detector(arch, precision)
         .detect(&requests)
         .expect("fast precision");
-    let (mut matched, mut total) = (0, 0);
+    let mut a = DetectionAgreement::default();
     for (e, f) in exact.iter().zip(&fast) {
-        let (m, t) = agreement(e, f);
-        matched += m;
-        total += t;
+        a.add(e, f, 0);
     }
+    let (matched, total) = (a.matched, a.total);
     println!(
         "detector {arch} {}: matches {matched} of {total} fp32 detections scoring >= 0.3 ({:.1}%)",
         precision.name(),

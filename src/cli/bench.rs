@@ -151,13 +151,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
 
 /// Runs `auto`'s trial as the server does at warm-up, for this batch size.
 fn auto(args: &BenchArgs, device: Device) -> anyhow::Result<Tuned> {
-    let scratch;
     let cache_dir = match &args.cache_dir {
         Some(d) => d.clone(),
-        None => {
-            scratch = tempfile_dir()?;
-            scratch.clone()
-        }
+        None => tempfile_dir()?,
     };
     let batch = BatchConfig {
         max_batch_size: args.batch as usize,

@@ -57,10 +57,10 @@ pub fn run(args: CompareArgs) -> anyhow::Result<std::process::ExitCode> {
     if let Some(u) = unmatched.first() {
         anyhow::bail!("{}: {}", u.arg, u.reason);
     }
+    // Decoded one at a time as they are compared: a folder of photos is not held in memory.
     let images = files
         .iter()
-        .map(|p| read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .map(|p| read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())));
     let task = match args.task {
         Task::Auto => task_of(&weights)?,
         t => t,
@@ -71,8 +71,8 @@ pub fn run(args: CompareArgs) -> anyhow::Result<std::process::ExitCode> {
             let load = |p| Classifier::load(&weights, device, compute(p));
             let (exact, fast) = (load(Precision::Fp32)?, load(precision)?);
             let mut a = ClassAgreement::default();
-            for img in &images {
-                let x = prepare_classifier(&img.tensor, args.preset.resize(), CROP)?;
+            for img in images {
+                let x = prepare_classifier(&img?.tensor, args.preset.resize(), CROP)?;
                 let top = |m: &Classifier| m.classify(&[&x], 5);
                 a.add(&top(&exact)?[0], &top(&fast)?[0]);
             }
@@ -90,8 +90,8 @@ pub fn run(args: CompareArgs) -> anyhow::Result<std::process::ExitCode> {
             };
             let (exact, fast) = (load(Precision::Fp32)?, load(precision)?);
             let mut a = DetectionAgreement::default();
-            for img in &images {
-                let prepared = [prepare_detector(&img.tensor)?];
+            for img in images {
+                let prepared = [prepare_detector(&img?.tensor)?];
                 let requests = DetectRequest::each(&prepared, DEFAULT_SCORE_THRESHOLD);
                 a.add(&exact.detect(&requests)?[0], &fast.detect(&requests)?[0], 0);
             }

@@ -242,7 +242,10 @@ impl<E: Engine> Plan<E> {
 
 /// An `auto` trial still to run on the worker.
 struct Trial {
-    key: TrialKey,
+    /// What the decision's key is made of; hashed on the worker, not at start.
+    weights: PathBuf,
+    arch: String,
+    batch: usize,
     cache: DecisionCache,
     device: Device,
     min_agreement: f64,
@@ -290,17 +293,28 @@ impl ClassifierSpec {
     }
 }
 
-/// The trial's key and cache, or None when the precision was set explicitly.
-fn plan_trial(a: &TrialArgs, arch: &str, batch: usize) -> anyhow::Result<Option<Trial>> {
-    if a.precision != Precision::Auto {
-        return Ok(None);
+/// The precision a model is loaded in at start: the one asked for, or with `auto` fp32, the
+/// trial's reference.
+fn loaded_first(p: Precision, device: Device) -> Precision {
+    match p {
+        Precision::Auto => Precision::Fp32,
+        p => resolve_precision(p, device).0,
     }
-    Ok(Some(Trial {
-        key: TrialKey::new(a.device, arch, batch, a.weights)?,
+}
+
+/// The trial's key and cache, or None when the precision was set explicitly.
+fn plan_trial(a: &TrialArgs, arch: &str, batch: usize) -> Option<Trial> {
+    if a.precision != Precision::Auto {
+        return None;
+    }
+    Some(Trial {
+        weights: a.weights.to_owned(),
+        arch: arch.into(),
+        batch,
         cache: DecisionCache::new(a.cache_dir),
         device: a.device,
         min_agreement: a.min_agreement,
-    }))
+    })
 }
 
 /// Loads the detector here (so a bad file fails the start at once), then hands it to its
@@ -325,11 +339,7 @@ fn detector_plan(
     spec: DetectorSpec,
     batch: &BatchConfig,
 ) -> anyhow::Result<(Plan<DetectorEngine>, ModelInfo, Labels)> {
-    // With auto, fp32 is loaded first: the trial's reference.
-    let first = match spec.precision {
-        Precision::Auto => Precision::Fp32,
-        p => resolve_precision(p, spec.device).0,
-    };
+    let first = loaded_first(spec.precision, spec.device);
     let model = FasterRcnn::load(&spec.weights, &detector_config(&spec, first))?;
     let labels = Labels::for_model(spec.labels.as_deref(), model.num_classes, Labels::coco)?;
     let arch = format!(
@@ -344,7 +354,7 @@ fn detector_plan(
         num_classes: model.num_classes,
     };
     let per_run = batch.max_batch_size.min(model.images_per_forward).max(1);
-    let trial = plan_trial(&spec.trial_args(), &arch, per_run)?;
+    let trial = plan_trial(&spec.trial_args(), &arch, per_run);
     // One image: a detector pass is seconds long on a CPU, and each compares ≥ 20 boxes.
     let images = if trial.is_some() {
         per_run
@@ -444,11 +454,19 @@ fn tune<E: Engine>(
     pass: impl Fn(&mut E) -> Result<Vec<E::Output>, ModelError>,
     agree: impl Fn(&Vec<E::Output>, &Vec<E::Output>) -> f64,
 ) -> Result<(E, Decision), ModelError> {
-    let lock = trial.cache.lock();
-    if let Err(e) = &lock {
+    // Hashing the weights (a few hundred ms) happens here, on the worker, off the start path.
+    let key = match TrialKey::new(trial.device, &trial.arch, trial.batch, &trial.weights) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            tracing::warn!(error = %e, "weights not hashed; measuring without the precision cache");
+            None
+        }
+    };
+    let lock = key.as_ref().map(|_| trial.cache.lock());
+    if let Some(Err(e)) = &lock {
         tracing::warn!(error = %e, "precision cache not usable; measuring without it");
     }
-    if let Some(mut decision) = trial.cache.get(&trial.key) {
+    if let Some(mut decision) = key.as_ref().and_then(|k| trial.cache.get(k)) {
         // The measurements hold for any bar; the choice is made again for this one.
         let p = autotune::choose(&decision.measured, trial.min_agreement);
         decision.chosen = p.name().into();
@@ -470,7 +488,7 @@ fn tune<E: Engine>(
     let (engine, decision) =
         autotune::trial(&candidates(trial.device), trial.min_agreement, run, agree)?;
     tracing::info!(chosen = %decision.chosen, seconds = decision.trial_seconds, "precision trial done");
-    if let Err(e) = trial.cache.put(&trial.key, &decision) {
+    if let Some(Err(e)) = key.map(|k| trial.cache.put(&k, &decision)) {
         tracing::warn!(error = %e, "precision decision not cached");
     }
     drop(lock);
@@ -496,10 +514,7 @@ fn classifier_plan(
     spec: ClassifierSpec,
     batch: &BatchConfig,
 ) -> anyhow::Result<(Plan<ClassifierEngine>, ModelInfo, Labels)> {
-    let first = match spec.precision {
-        Precision::Auto => Precision::Fp32,
-        p => resolve_precision(p, spec.device).0,
-    };
+    let first = loaded_first(spec.precision, spec.device);
     let compute = |p| resolve_precision(p, spec.device).1;
     let model = Classifier::load(&spec.weights, spec.device, compute(first))?;
     let labels = Labels::for_model(spec.labels.as_deref(), model.num_classes, Labels::imagenet)?;
@@ -512,7 +527,7 @@ fn classifier_plan(
         num_classes: model.num_classes,
     };
     let per_run = batch.max_batch_size;
-    let trial = plan_trial(&spec.trial_args(), "resnet50", per_run)?;
+    let trial = plan_trial(&spec.trial_args(), "resnet50", per_run);
     // Top-1 agreement in steps of 1/20: one flip among 20 images still passes 95%.
     let images = if trial.is_some() {
         TRIAL_CLASSIFIER_IMAGES.max(per_run)

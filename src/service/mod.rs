@@ -22,7 +22,6 @@ use crate::model::autotune::Decision;
 use crate::model::transform::SizeError;
 use crate::model::{Detection, ModelError, Precision, Prediction, Preset};
 
-pub use crate::model::autotune::Decision as PrecisionDecision;
 pub use admission::{Admission, InFlight};
 pub use decoding::Decoding;
 pub use engines::{
