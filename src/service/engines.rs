@@ -260,39 +260,6 @@ fn detector_config(spec: &DetectorSpec, precision: Precision) -> DetectorConfig 
     }
 }
 
-/// What `auto`'s trial needs from a model's spec.
-struct TrialArgs<'a> {
-    precision: Precision,
-    device: Device,
-    weights: &'a std::path::Path,
-    cache_dir: &'a std::path::Path,
-    min_agreement: f64,
-}
-
-impl DetectorSpec {
-    fn trial_args(&self) -> TrialArgs<'_> {
-        TrialArgs {
-            precision: self.precision,
-            device: self.device,
-            weights: &self.weights,
-            cache_dir: &self.cache_dir,
-            min_agreement: self.min_agreement,
-        }
-    }
-}
-
-impl ClassifierSpec {
-    fn trial_args(&self) -> TrialArgs<'_> {
-        TrialArgs {
-            precision: self.precision,
-            device: self.device,
-            weights: &self.weights,
-            cache_dir: &self.cache_dir,
-            min_agreement: self.min_agreement,
-        }
-    }
-}
-
 /// The precision a model is loaded in at start: the one asked for, or with `auto` fp32, the
 /// trial's reference.
 fn loaded_first(p: Precision, device: Device) -> Precision {
@@ -302,18 +269,23 @@ fn loaded_first(p: Precision, device: Device) -> Precision {
     }
 }
 
-/// The trial's key and cache, or None when the precision was set explicitly.
-fn plan_trial(a: &TrialArgs, arch: &str, batch: usize) -> Option<Trial> {
-    if a.precision != Precision::Auto {
-        return None;
-    }
-    Some(Trial {
-        weights: a.weights.to_owned(),
+/// `auto`'s trial for a model, or None when its precision was set explicitly.
+fn plan_trial(
+    precision: Precision,
+    device: Device,
+    weights: &std::path::Path,
+    cache_dir: &std::path::Path,
+    min_agreement: f64,
+    arch: &str,
+    batch: usize,
+) -> Option<Trial> {
+    (precision == Precision::Auto).then(|| Trial {
+        weights: weights.to_owned(),
         arch: arch.into(),
         batch,
-        cache: DecisionCache::new(a.cache_dir),
-        device: a.device,
-        min_agreement: a.min_agreement,
+        cache: DecisionCache::new(cache_dir),
+        device,
+        min_agreement,
     })
 }
 
@@ -354,7 +326,15 @@ fn detector_plan(
         num_classes: model.num_classes,
     };
     let per_run = batch.max_batch_size.min(model.images_per_forward).max(1);
-    let trial = plan_trial(&spec.trial_args(), &arch, per_run);
+    let trial = plan_trial(
+        spec.precision,
+        spec.device,
+        &spec.weights,
+        &spec.cache_dir,
+        spec.min_agreement,
+        &arch,
+        per_run,
+    );
     // One image: a detector pass is seconds long on a CPU, and each compares ≥ 20 boxes.
     let images = if trial.is_some() {
         per_run
@@ -527,7 +507,15 @@ fn classifier_plan(
         num_classes: model.num_classes,
     };
     let per_run = batch.max_batch_size;
-    let trial = plan_trial(&spec.trial_args(), "resnet50", per_run);
+    let trial = plan_trial(
+        spec.precision,
+        spec.device,
+        &spec.weights,
+        &spec.cache_dir,
+        spec.min_agreement,
+        "resnet50",
+        per_run,
+    );
     // Top-1 agreement in steps of 1/20: one flip among 20 images still passes 95%.
     let images = if trial.is_some() {
         TRIAL_CLASSIFIER_IMAGES.max(per_run)
