@@ -1,7 +1,9 @@
-//! Command line: `detectd detect`, `detectd classify`, `detectd serve`, `detectd weights`.
+//! Command line: `detectd detect`, `detectd classify`, `detectd serve`, `detectd weights`,
+//! `detectd bench`, `detectd compare`, `detectd healthcheck`.
 
 mod bench;
 mod compare;
+mod healthcheck;
 mod inputs;
 mod output;
 mod serve;
@@ -48,6 +50,8 @@ pub enum Command {
     Serve(Box<serve::ServeArgs>),
     /// A faster --precision against fp32 on your own weights and images: what agrees.
     Compare(compare::CompareArgs),
+    /// Exit 0 when the server on DETECTD_LISTEN answers /healthz (the image's HEALTHCHECK).
+    Healthcheck(healthcheck::HealthcheckArgs),
     /// List or fetch torchvision's published checkpoints.
     #[command(subcommand)]
     Weights(WeightsCommand),
@@ -192,6 +196,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => serve::run(*args),
         Command::Bench(args) => bench::run(args),
         Command::Compare(args) => compare::run(args),
+        Command::Healthcheck(args) => healthcheck::run(args),
     }
 }
 
