@@ -291,7 +291,7 @@ def check_compose():
         s = services[name]
         env = s["environment"]
         hc = " ".join(s["healthcheck"]["test"])
-        check("/readyz" in hc, f"compose {name}: healthcheck does not probe /readyz")
+        check("healthcheck --ready" in hc, f"compose {name}: healthcheck does not probe /readyz (detectd healthcheck --ready)")
         check(seconds(s.get("stop_grace_period", "10s")) > int(env["DETECTD_SHUTDOWN_TIMEOUT_S"]),
               f"compose {name}: stop_grace_period not longer than DETECTD_SHUTDOWN_TIMEOUT_S")
         check(any(str(v).startswith("weights:") for v in s["volumes"]), f"compose {name}: weights volume not mounted")

@@ -10,9 +10,10 @@
 # Where no Docker engine is reachable, starts one from Debian's docker.io package
 # (`dockerd --iptables=false --bridge=none`: no change to the host's network; containers and
 # builds use the host's network or none), its data root under target/docker-test/engine,
-# stopped and removed at the end (DOCKER_TEST_KEEP=1 keeps it, and its build cache, for a
-# faster rerun). Base images that the engine has not and cannot pull are made locally
-# (docker/base-images.sh: debootstrap, and this machine's Rust toolchain).
+# stopped and removed at the end, as is what build-offline prepared in docker/offline/
+# (DOCKER_TEST_KEEP=1 keeps both, and the engine's build cache, for a faster rerun). Base
+# images that the engine has not and cannot pull are made locally (docker/base-images.sh:
+# debootstrap, and this machine's Rust toolchain).
 #
 # Needs scripts/setup (.venv: seeded weights, images, grpcio is added on first use) and a built
 # binary: target/release/detectd, or DETECTD_BIN. Runs as root (dockerd), or with sudo.
@@ -56,6 +57,10 @@ cleanup() {
     fi
   fi
   [ "$policy_rc_created" = 1 ] && rm -f /usr/sbin/policy-rc.d
+  # What build-offline prepared: a filled docker/offline/ makes every later `docker build`
+  # of this checkout an offline one, which a changed Cargo.lock would then fail.
+  [ "${DOCKER_TEST_KEEP:-0}" = 1 ] || find "$ROOT/docker/offline" -mindepth 1 -maxdepth 1 \
+    ! -name README.md ! -name .gitignore -exec rm -rf {} +
   return "$status"
 }
 trap cleanup EXIT
@@ -104,7 +109,9 @@ fi
 export DOCKER
 
 # --- base images, then the image through the air-gapped path ---------------------------
+t0=$SECONDS
 "$ROOT/docker/base-images.sh" "$WORK/base"
+log "base images ready in $((SECONDS - t0)) s"
 t0=$SECONDS
 "$ROOT/docker/build-offline" --prepare-only
 prepare_s=$((SECONDS - t0))
@@ -154,6 +161,8 @@ log "healthy by its own HEALTHCHECK (detectd healthcheck) on port $http_port aft
 served=http://127.0.0.1:$http_port
 for _ in $(seq 300); do curl -fsS -o /dev/null "$served/readyz" 2>/dev/null && break; sleep 1; done
 curl -fsS -o /dev/null "$served/readyz" || die "container not ready after 300 s"
+# compose's readiness check, run where compose runs it: inside the container.
+"$DOCKER" exec "$NAME" detectd healthcheck --ready || die "detectd healthcheck --ready failed in the container"
 
 pid=$("$DOCKER" inspect -f '{{.State.Pid}}' "$NAME")
 uid=$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status")
