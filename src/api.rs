@@ -3,8 +3,7 @@
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::labels::Labels;
-use crate::model::{Detection, Prediction};
+use crate::labels::{NamedDetection, NamedPrediction};
 use crate::service::ModelInfo;
 
 #[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
@@ -25,26 +24,33 @@ pub struct PredictionJson {
     pub score: f32,
 }
 
-pub fn detections_json(dets: &[Detection], labels: &Labels) -> Vec<DetectionJson> {
-    dets.iter()
-        .map(|d| DetectionJson {
+impl From<NamedDetection> for DetectionJson {
+    fn from(d: NamedDetection) -> Self {
+        Self {
             bbox: d.bbox,
             score: d.score,
-            label_id: d.label,
-            label: labels.name(d.label).to_owned(),
-        })
-        .collect()
+            label_id: d.label_id,
+            label: d.label,
+        }
+    }
 }
 
-pub fn predictions_json(preds: &[Prediction], labels: &Labels) -> Vec<PredictionJson> {
-    preds
-        .iter()
-        .map(|p| PredictionJson {
-            label_id: p.label,
-            label: labels.name(p.label).to_owned(),
+impl From<NamedPrediction> for PredictionJson {
+    fn from(p: NamedPrediction) -> Self {
+        Self {
+            label_id: p.label_id,
+            label: p.label,
             score: p.score,
-        })
-        .collect()
+        }
+    }
+}
+
+pub fn detections_json(dets: Vec<NamedDetection>) -> Vec<DetectionJson> {
+    dets.into_iter().map(Into::into).collect()
+}
+
+pub fn predictions_json(preds: Vec<NamedPrediction>) -> Vec<PredictionJson> {
+    preds.into_iter().map(Into::into).collect()
 }
 
 /// One image's detections, with its size as decoded (EXIF orientation applied).

@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use crate::model::{Detection, Prediction};
+
 const COCO: &str = include_str!("../models/coco_categories.txt");
 const IMAGENET: &str = include_str!("../models/imagenet_categories.txt");
 
@@ -27,6 +29,25 @@ pub enum LabelsError {
 /// Names by class id.
 #[derive(Clone, Debug)]
 pub struct Labels(Vec<String>);
+
+/// A detection with its class name: what the service answers, the CLI writes and the renderer
+/// draws. Each edge shapes it its own way (JSON, protobuf).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedDetection {
+    /// [x1, y1, x2, y2] in original-image pixels.
+    pub bbox: [f32; 4],
+    pub score: f32,
+    pub label_id: i64,
+    pub label: String,
+}
+
+/// A class prediction with its name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedPrediction {
+    pub label_id: i64,
+    pub label: String,
+    pub score: f32,
+}
 
 /// One non-empty line of a labels file: `id<TAB>name`, or a name alone.
 enum Line<'a> {
@@ -177,6 +198,26 @@ impl Labels {
 
     pub fn names(&self) -> &[String] {
         &self.0
+    }
+
+    pub fn detection(&self, d: &Detection) -> NamedDetection {
+        NamedDetection {
+            bbox: d.bbox,
+            score: d.score,
+            label_id: d.label,
+            label: self.name(d.label).to_owned(),
+        }
+    }
+
+    pub fn predictions(&self, preds: &[Prediction]) -> Vec<NamedPrediction> {
+        preds
+            .iter()
+            .map(|p| NamedPrediction {
+                label_id: p.label,
+                label: self.name(p.label).to_owned(),
+                score: p.score,
+            })
+            .collect()
     }
 }
 

@@ -10,8 +10,8 @@ use image::{ImageFormat, Rgb, RgbImage};
 use imageproc::drawing::{draw_filled_rect_mut, draw_hollow_rect_mut, draw_text_mut, text_size};
 use imageproc::rect::Rect;
 
-use crate::api::DetectionJson;
 use crate::imaging::{self, ImageError};
+use crate::labels::NamedDetection;
 
 /// The encodings a rendered image can be answered in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +75,7 @@ fn font() -> &'static FontRef<'static> {
 pub fn annotate(
     bytes: &[u8],
     max_pixels: u64,
-    detections: &[DetectionJson],
+    detections: &[NamedDetection],
     format: Format,
 ) -> Result<Vec<u8>, RenderError> {
     let mut img = imaging::decode_pixels(bytes, max_pixels)?;
@@ -94,7 +94,7 @@ pub fn encode(img: &RgbImage, format: Format) -> Result<Vec<u8>, RenderError> {
 }
 
 /// Draws lowest score first, so the most confident boxes and tabs end up on top.
-pub fn draw(img: &mut RgbImage, detections: &[DetectionJson]) {
+pub fn draw(img: &mut RgbImage, detections: &[NamedDetection]) {
     let short = img.width().min(img.height()) as f32;
     // Lines and text grow with the image so they stay visible on large photos.
     let thickness = (short / 300.0).round().clamp(1.0, 8.0) as i32;
@@ -104,7 +104,7 @@ pub fn draw(img: &mut RgbImage, detections: &[DetectionJson]) {
     }
 }
 
-fn draw_one(img: &mut RgbImage, d: &DetectionJson, thickness: i32, scale: PxScale) {
+fn draw_one(img: &mut RgbImage, d: &NamedDetection, thickness: i32, scale: PxScale) {
     let c = colour(d.label_id);
     let [x1, y1, x2, y2] = d.bbox.map(|v| v.round() as i32);
     for t in 0..thickness {
@@ -134,8 +134,8 @@ fn text_colour(c: Rgb<u8>) -> Rgb<u8> {
 mod tests {
     use super::*;
 
-    fn det(bbox: [f32; 4], label_id: i64) -> DetectionJson {
-        DetectionJson {
+    fn det(bbox: [f32; 4], label_id: i64) -> NamedDetection {
+        NamedDetection {
             bbox,
             score: 0.5,
             label_id,

@@ -15,8 +15,8 @@ use detectd::model::classifier::CROP;
 use detectd::model::detector::DetectorConfig;
 use detectd::model::transform::{prepare_classifier, prepare_detector};
 use detectd::model::{
-    resolve_precision, ArchChoice, Classifier, Compute, DetectRequest, FasterRcnn, Precision,
-    Preset,
+    resolve_precision, ArchChoice, Classifier, Compute, DetectRequest, FasterRcnn, Named,
+    Precision, Preset,
 };
 use tch::Device;
 

@@ -14,6 +14,7 @@ use crate::model::classifier::CROP;
 use crate::model::detector::DetectorConfig;
 use crate::model::layers::{record_ops, OpCall};
 use crate::model::transform::{prepare_classifier, prepare_detector};
+use crate::model::Named;
 use crate::model::{
     resolve_precision, ArchChoice, Classifier, DetectRequest, FasterRcnn, Precision, Preset,
 };

@@ -12,6 +12,7 @@ use crate::imaging;
 use crate::model::agreement::{ClassAgreement, DetectionAgreement, MIN_IOU, MIN_SCORE};
 use crate::model::classifier::CROP;
 use crate::model::transform::{prepare_classifier, prepare_detector};
+use crate::model::Named;
 use crate::model::{
     resolve_precision, ArchChoice, Classifier, DetectRequest, DetectorConfig, FasterRcnn,
     Precision, Preset,
@@ -35,7 +36,7 @@ pub struct CompareArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub task: Task,
     /// Classifier preprocessing preset.
-    #[arg(long, value_enum, default_value = "v2")]
+    #[arg(long, value_parser = super::named::<Preset>(), default_value = "v2")]
     pub preset: Preset,
     /// Print one JSON object instead of text.
     #[arg(long)]

@@ -8,16 +8,16 @@ mod inputs;
 mod output;
 mod serve;
 
-use crate::model::{resolve_precision, Compute};
+use crate::model::{resolve_precision, Compute, Named};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::api::{detections_json, predictions_json, DetectionJson};
+use crate::api::{detections_json, predictions_json};
 use crate::imaging;
-use crate::labels::Labels;
+use crate::labels::{Labels, NamedDetection};
 use crate::model::detector::DetectorConfig;
 use crate::model::transform::{prepare_classifier, prepare_detector, Prepared};
 use crate::model::{
@@ -89,10 +89,10 @@ pub struct CacheArgs {
 #[derive(Args, Debug, Clone)]
 pub struct Runtime {
     /// Where to run the model.
-    #[arg(long, value_enum, default_value = "auto", env = "DETECTD_DEVICE")]
+    #[arg(long, value_parser = named::<DeviceChoice>(), default_value = "auto", env = "DETECTD_DEVICE")]
     pub device: DeviceChoice,
     /// Numeric precision: fp32 is torchvision's arithmetic; bf16/fp16 are faster.
-    #[arg(long, value_enum, default_value = "fp32", env = "DETECTD_PRECISION")]
+    #[arg(long, value_parser = named::<Precision>(), default_value = "fp32", env = "DETECTD_PRECISION")]
     pub precision: Precision,
     /// libtorch intra-op threads (default: all cores).
     #[arg(long, env = "DETECTD_THREADS", value_parser = clap::value_parser!(i32).range(1..=1024))]
@@ -144,13 +144,13 @@ pub struct DetectArgs {
     #[arg(long)]
     pub weights: String,
     /// Architecture; auto reads it from the checkpoint's keys.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_parser = named::<ArchChoice>(), default_value = "auto")]
     pub arch: ArchChoice,
     /// Class names, `id<TAB>name` or one per line (default: COCO for 91 classes).
     #[arg(long)]
     pub labels: Option<PathBuf>,
     /// Keep detections scoring above this (0..=1).
-    #[arg(long, default_value_t = 0.05, value_parser = unit_interval)]
+    #[arg(long, default_value_t = crate::model::detector::BOX_SCORE_THRESH, value_parser = unit_interval)]
     pub score_threshold: f64,
     /// eps of v1's FrozenBatchNorm (default 0.0, as torchvision's COCO weights run).
     #[arg(long)]
@@ -172,7 +172,7 @@ pub struct ClassifyArgs {
     #[arg(long)]
     pub weights: String,
     /// Preprocessing preset of the weights: v1 (resize 256) or v2 (resize 232).
-    #[arg(long, value_enum, default_value = "v2")]
+    #[arg(long, value_parser = named::<Preset>(), default_value = "v2")]
     pub preset: Preset,
     /// Class names (default: ImageNet for 1000 classes).
     #[arg(long)]
@@ -198,6 +198,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Compare(args) => compare::run(args),
         Command::Healthcheck(args) => healthcheck::run(args),
     }
+}
+
+/// clap's parser for a model setting by the names the model layer gives it (the model's enums
+/// carry no command-line derive).
+pub(crate) fn named<T: Named + Send + Sync>() -> impl clap::builder::TypedValueParser<Value = T> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(T::ALL.iter().map(|v| v.name()))
+        .try_map(|s| T::from_name(&s).ok_or_else(|| format!("unknown value {s:?}")))
 }
 
 /// A checkpoint argument: a file, or the name of a published checkpoint (fetched if needed).
@@ -399,7 +407,7 @@ fn exit_code(failed: bool) -> ExitCode {
 
 /// Writes `image` with `dets` drawn under `dir`: JPEG stays JPEG, anything else becomes PNG
 /// (`x.webp` → `x.webp.png`, so two inputs never share an output name).
-fn render_copy(dir: &Path, image: &Loaded, dets: &[DetectionJson]) -> anyhow::Result<()> {
+fn render_copy(dir: &Path, image: &Loaded, dets: &[NamedDetection]) -> anyhow::Result<()> {
     let Some(pixels) = &image.pixels else {
         return Ok(());
     };
@@ -443,11 +451,11 @@ fn detect(args: DetectArgs) -> anyhow::Result<ExitCode> {
         |img| prepare_detector(&img.tensor),
         |images: &[Prepared]| Ok(model.detect(&DetectRequest::each(images, args.score_threshold))?),
         |image, dets| {
-            let dets = detections_json(&dets, &labels);
+            let dets: Vec<NamedDetection> = dets.iter().map(|d| labels.detection(d)).collect();
             if let Some(dir) = &args.render_dir {
                 render_copy(dir, image, &dets)?;
             }
-            sink.detections(&image.info(), &dets)
+            sink.detections(&image.info(), &detections_json(dets))
         },
     )?;
     sink.finish(&labels)?;
@@ -476,7 +484,10 @@ fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
             let refs: Vec<&tch::Tensor> = images.iter().collect();
             Ok(model.classify(&refs, args.top_k)?)
         },
-        |image, preds| sink.predictions(&image.info(), &predictions_json(&preds, &labels)),
+        |image, preds| {
+            let preds = predictions_json(labels.predictions(&preds));
+            sink.predictions(&image.info(), &preds)
+        },
     )?;
     sink.finish(&labels)?;
     Ok(exit_code(failed))

@@ -43,10 +43,10 @@ pub struct ServeArgs {
     #[arg(long, env = "DETECTD_CLASSIFIER_WEIGHTS")]
     pub classifier_weights: Option<String>,
     /// Detector architecture; auto reads it from the checkpoint.
-    #[arg(long, env = "DETECTD_ARCH", value_enum, default_value = "auto")]
+    #[arg(long, env = "DETECTD_ARCH", value_parser = super::named::<ArchChoice>(), default_value = "auto")]
     pub arch: ArchChoice,
     /// Classifier preprocessing preset (v1: resize 256, v2: resize 232).
-    #[arg(long, env = "DETECTD_PRESET", value_enum, default_value = "v2")]
+    #[arg(long, env = "DETECTD_PRESET", value_parser = super::named::<Preset>(), default_value = "v2")]
     pub preset: Preset,
     /// Detector class names (default: COCO for 91 classes).
     #[arg(long, env = "DETECTD_LABELS")]
@@ -57,12 +57,12 @@ pub struct ServeArgs {
     /// eps of v1's FrozenBatchNorm (default 0.0, as torchvision's COCO weights run).
     #[arg(long, env = "DETECTD_FROZEN_BN_EPS")]
     pub frozen_bn_eps: Option<f64>,
-    #[arg(long, env = "DETECTD_DEVICE", value_enum, default_value = "auto")]
+    #[arg(long, env = "DETECTD_DEVICE", value_parser = super::named::<DeviceChoice>(), default_value = "auto")]
     pub device: DeviceChoice,
     /// Numeric precision. auto (the default) measures fp32-fast, bf16 (and fp16 on CUDA)
     /// at warm-up and keeps the fastest that agrees with fp32; fp32 is torchvision's
     /// arithmetic bit for bit.
-    #[arg(long, env = "DETECTD_PRECISION", value_enum, default_value = "auto")]
+    #[arg(long, env = "DETECTD_PRECISION", value_parser = super::named::<Precision>(), default_value = "auto")]
     pub precision: Precision,
     /// The share of fp32's answers `auto` requires of a faster setting on its trial images
     /// (matched detections scoring ≥ 0.3, else the 20 best; equal top-1 classes).

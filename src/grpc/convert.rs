@@ -2,7 +2,7 @@
 //! means "the default" for every numeric option.
 
 use super::pb;
-use crate::api::{DetectionJson, PredictionJson};
+use crate::labels::{NamedDetection, NamedPrediction};
 use crate::service::{Answer, ClassifyOptions, DetectOptions, ModelState, Service, Task};
 
 pub fn detect_options(
@@ -23,7 +23,7 @@ pub fn classify_options(top_k: u32) -> ClassifyOptions {
     }
 }
 
-fn detection(d: DetectionJson) -> pb::Detection {
+fn detection(d: NamedDetection) -> pb::Detection {
     let [x1, y1, x2, y2] = d.bbox;
     pb::Detection {
         x1,
@@ -36,7 +36,7 @@ fn detection(d: DetectionJson) -> pb::Detection {
     }
 }
 
-fn prediction(p: PredictionJson) -> pb::Prediction {
+fn prediction(p: NamedPrediction) -> pb::Prediction {
     pb::Prediction {
         label_id: p.label_id as u32,
         label: p.label,
@@ -44,7 +44,7 @@ fn prediction(p: PredictionJson) -> pb::Prediction {
     }
 }
 
-pub fn detect_responses(answer: Answer<Vec<DetectionJson>>) -> Vec<pb::DetectResponse> {
+pub fn detect_responses(answer: Answer<Vec<NamedDetection>>) -> Vec<pb::DetectResponse> {
     answer
         .results
         .into_iter()
@@ -56,7 +56,7 @@ pub fn detect_responses(answer: Answer<Vec<DetectionJson>>) -> Vec<pb::DetectRes
         .collect()
 }
 
-pub fn classify_responses(answer: Answer<Vec<PredictionJson>>) -> Vec<pb::ClassifyResponse> {
+pub fn classify_responses(answer: Answer<Vec<NamedPrediction>>) -> Vec<pb::ClassifyResponse> {
     answer
         .results
         .into_iter()

@@ -17,12 +17,12 @@ use super::input::{
     self, ClassifyParams, DetectParams, ImageBytes, JsonBody, MultipartBody, Params,
 };
 use super::{AppState, SERVER_TIMING};
-use crate::api::DetectionJson;
 use crate::api::{
-    BatchingJson, ClassifyResponse, DetectResponse, ImageDetections, ImagePredictions, ModelStatus,
-    ModelsResponse, StatusBody,
+    detections_json, predictions_json, BatchingJson, ClassifyResponse, DetectResponse,
+    ImageDetections, ImagePredictions, ModelStatus, ModelsResponse, StatusBody,
 };
 
+use crate::labels::NamedDetection;
 use crate::render;
 use crate::service::{ModelState, Task, Timing};
 
@@ -72,7 +72,7 @@ async fn rendered(
     image: bytes::Bytes,
     pixels: u64,
     deadline: Instant,
-    detections: Vec<DetectionJson>,
+    detections: Vec<NamedDetection>,
     format: render::Format,
 ) -> Result<Response, ApiError> {
     let limits = &state.service.limits;
@@ -155,7 +155,7 @@ pub async fn detect(
         .map(|r| ImageDetections {
             width: r.width,
             height: r.height,
-            detections: r.output,
+            detections: detections_json(r.output),
         })
         .collect();
     let body = DetectResponse {
@@ -204,7 +204,7 @@ pub async fn classify(
         .map(|r| ImagePredictions {
             width: r.width,
             height: r.height,
-            predictions: r.output,
+            predictions: predictions_json(r.output),
         })
         .collect();
     let body = ClassifyResponse {

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::Device;
 
-use super::{ModelError, Precision};
+use super::{ModelError, Named, Precision};
 
 /// The share of fp32's answers a setting must reproduce to be chosen (matched confident
 /// detections; equal top-1 classes).

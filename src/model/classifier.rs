@@ -10,7 +10,7 @@ use super::{guard, ModelError};
 use crate::weights::{Loader, StateDict, WeightsError};
 
 /// torchvision's `ResNet50_Weights` presets: they differ only in the resize.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Preset {
     /// IMAGENET1K_V1: resize 256, crop 224.
@@ -18,6 +18,8 @@ pub enum Preset {
     /// IMAGENET1K_V2: resize 232, crop 224.
     V2,
 }
+
+super::named::named!(Preset { V1 => "v1", V2 => "v2" });
 
 impl Preset {
     pub fn resize(self) -> i64 {

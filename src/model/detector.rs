@@ -16,8 +16,11 @@ use crate::weights::{Loader, StateDict, WeightsError};
 
 /// torchvision's `detections_per_img`.
 pub const MAX_DETECTIONS: i64 = 100;
+/// torchvision's `box_score_thresh`: detections scoring at or below it are dropped before NMS.
+/// The default everywhere a score threshold is not given (server, CLI, bench, compare).
+pub const BOX_SCORE_THRESH: f64 = 0.05;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
     /// `fasterrcnn_resnet50_fpn`: TwoMLPHead, FPN without norm, one RPN conv.
@@ -26,12 +29,16 @@ pub enum Arch {
     V2,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ArchChoice {
+    /// Read from the checkpoint's keys.
     Auto,
     V1,
     V2,
 }
+
+super::named::named!(Arch { V1 => "v1", V2 => "v2" });
+super::named::named!(ArchChoice { Auto => "auto", V1 => "v1", V2 => "v2" });
 
 #[derive(Clone, Debug)]
 pub struct DetectorConfig {

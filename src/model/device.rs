@@ -13,7 +13,7 @@ use super::layers::Compute;
 
 use super::ModelError;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceChoice {
     /// CUDA when a GPU and a CUDA libtorch are present, else CPU.
@@ -22,50 +22,31 @@ pub enum DeviceChoice {
     Cuda,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+super::named::named!(DeviceChoice { Auto => "auto", Cpu => "cpu", Cuda => "cuda" });
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Precision {
     /// torchvision's f32 arithmetic, op for op: the same results, bit for bit on this libtorch.
-    #[value(name = "fp32")]
     Fp32,
     /// f32 with channels-last activations and norms folded into the convolutions: oneDNN's
     /// faster kernels, within ~1e-2 px of torchvision rather than bitwise.
-    #[value(name = "fp32-fast")]
     Fp32Fast,
     /// bfloat16 convolutions and linears, channels-last, norms folded (for AMX CPUs).
-    #[value(name = "bf16")]
     Bf16,
     /// float16 likewise; for GPUs.
-    #[value(name = "fp16")]
     Fp16,
     /// The server measures the candidates at warm-up and keeps the fastest that agrees with
     /// fp32 (`autotune`); elsewhere a guess: fp16 on CUDA, bf16 with AMX-BF16, else fp32-fast.
-    #[value(name = "auto")]
     Auto,
 }
 
-impl Precision {
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::Fp32 => "fp32",
-            Precision::Fp32Fast => "fp32-fast",
-            Precision::Bf16 => "bf16",
-            Precision::Fp16 => "fp16",
-            Precision::Auto => "auto",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<Self> {
-        [
-            Precision::Fp32,
-            Precision::Fp32Fast,
-            Precision::Bf16,
-            Precision::Fp16,
-            Precision::Auto,
-        ]
-        .into_iter()
-        .find(|p| p.name() == name)
-    }
-}
+super::named::named!(Precision {
+    Fp32 => "fp32",
+    Fp32Fast => "fp32-fast",
+    Bf16 => "bf16",
+    Fp16 => "fp16",
+    Auto => "auto",
+});
 
 /// The CPU has AMX-BF16 tiles (read from /proc/cpuinfo's flags). AVX512-BF16 alone does not
 /// count: measured on such a CPU, oneDNN's bf16 convolutions ran slower than its f32 ones.

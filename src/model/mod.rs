@@ -8,6 +8,7 @@ pub mod detector;
 pub mod device;
 pub mod fpn;
 pub mod layers;
+mod named;
 pub mod ops;
 pub mod resnet;
 pub mod roi_heads;
@@ -22,6 +23,7 @@ pub use classifier::{Classifier, Prediction, Preset};
 pub use detector::{Arch, ArchChoice, DetectRequest, Detection, DetectorConfig, FasterRcnn};
 pub use device::{resolve_precision, DeviceChoice, Precision};
 pub use layers::Compute;
+pub use named::Named;
 
 /// Errors of the model layer. Clone, so one failure can be handed to every request of a batch.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -19,13 +19,14 @@ use crate::model::transform::{
     check_classifier, check_detector, classifier_size, detector_size, prepare_classifier,
     prepare_detector, Prepared,
 };
+use crate::model::Named;
 use crate::model::{
     resolve_precision, ArchChoice, Classifier, DetectRequest, Detection, FasterRcnn, ModelError,
     Precision, Prediction, Preset,
 };
 
 /// A detector input: the image resized and normalized, and the request's score threshold
-/// (the model applies it before NMS, as torchvision applies its own 0.05).
+/// (the model applies it before NMS, as torchvision applies its `box_score_thresh`).
 pub struct DetectInput {
     prepared: Prepared,
     score_threshold: f64,

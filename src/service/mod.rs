@@ -12,15 +12,14 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::api::{DetectionJson, PredictionJson};
 pub use crate::batch::{BatchConfig, Timing};
 use crate::batch::{Batcher, SubmitError};
 use crate::imaging::{self, ImageError};
-use crate::labels::Labels;
+use crate::labels::{Labels, NamedDetection, NamedPrediction};
 use crate::metrics::Metrics;
 use crate::model::autotune::Decision;
 use crate::model::transform::SizeError;
-use crate::model::{Detection, ModelError, Precision, Prediction, Preset};
+use crate::model::{Detection, ModelError, Named, Precision, Prediction, Preset};
 
 pub use admission::{Admission, InFlight};
 pub use decoding::Decoding;
@@ -332,7 +331,7 @@ impl Service {
         images: Vec<bytes::Bytes>,
         options: &DetectOptions,
         deadline: Instant,
-    ) -> Result<Answer<Vec<DetectionJson>>, ServiceError> {
+    ) -> Result<Answer<Vec<NamedDetection>>, ServiceError> {
         let served = self.detector()?;
         let plan = options.plan(&served.labels)?;
         let preparer = engines::DetectInput::preparer(plan.threshold);
@@ -349,7 +348,7 @@ impl Service {
         images: Vec<bytes::Bytes>,
         options: &ClassifyOptions,
         deadline: Instant,
-    ) -> Result<Answer<Vec<PredictionJson>>, ServiceError> {
+    ) -> Result<Answer<Vec<NamedPrediction>>, ServiceError> {
         let served = self.classifier()?;
         let top_k = options.top_k(served.info.num_classes)?;
         let preparer = engines::ClassifyInput::preparer(self.classifier_preset, top_k);
@@ -357,7 +356,7 @@ impl Service {
             .infer(images, &self.limits, deadline, preparer)
             .await?;
         Ok(join(&served.info(), sizes, outputs, timing, |p| {
-            crate::api::predictions_json(p, &served.labels)
+            served.labels.predictions(p)
         }))
     }
 }

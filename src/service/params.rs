@@ -4,12 +4,11 @@
 use std::collections::HashSet;
 
 use super::ServiceError;
-use crate::api::DetectionJson;
-use crate::labels::Labels;
+use crate::labels::{Labels, NamedDetection};
 use crate::model::detector::MAX_DETECTIONS;
 use crate::model::Detection;
 
-pub const DEFAULT_SCORE_THRESHOLD: f64 = 0.05;
+pub const DEFAULT_SCORE_THRESHOLD: f64 = crate::model::detector::BOX_SCORE_THRESH;
 pub const DEFAULT_TOP_K: i64 = 5;
 pub const MAX_TOP_K: i64 = 1000;
 
@@ -102,14 +101,12 @@ impl DetectOptions {
 
 impl DetectPlan {
     /// The detections the request asked for, labelled.
-    pub(crate) fn select(&self, dets: &[Detection], labels: &Labels) -> Vec<DetectionJson> {
-        let kept: Vec<Detection> = dets
-            .iter()
+    pub(crate) fn select(&self, dets: &[Detection], labels: &Labels) -> Vec<NamedDetection> {
+        dets.iter()
             .filter(|d| self.keep.as_ref().is_none_or(|k| k.contains(&d.label)))
             .take(self.max_detections)
-            .cloned()
-            .collect();
-        crate::api::detections_json(&kept, labels)
+            .map(|d| labels.detection(d))
+            .collect()
     }
 }
 
