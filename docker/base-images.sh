@@ -62,6 +62,7 @@ DOCKERFILE
 }
 
 mkdir -p "$WORK"
-have "$SLIM" || make_slim
-have "$RUST" || make_rust
+# `if`, not `||`: a function called on the left of || runs with set -e off.
+if ! have "$SLIM"; then make_slim; fi
+if ! have "$RUST"; then make_rust; fi
 log "$SLIM and $RUST ready"

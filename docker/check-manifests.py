@@ -355,7 +355,7 @@ def check_dockerfile():
     # `detectd healthcheck` asks /healthz (src/cli/healthcheck.rs) on DETECTD_LISTEN's port.
     check(re.search(r'^HEALTHCHECK .*\n?.*CMD \["detectd", "healthcheck"', df, re.M) is not None,
           "Dockerfile: HEALTHCHECK is not `detectd healthcheck`")
-    check("/healthz" in (ROOT / "src/cli/healthcheck.rs").read_text(), "detectd healthcheck does not ask /healthz")
+    check('"healthz"' in (ROOT / "src/cli/healthcheck.rs").read_text(), "detectd healthcheck does not ask /healthz")
     check(re.search(r"^EXPOSE 8080 50051$", df, re.M) is not None, "Dockerfile: EXPOSE 8080 50051 missing")
     check(dockerfile_uid() and 0 not in dockerfile_uid(), "Dockerfile: no non-root numeric USER")
     check("DETECTD_CACHE_DIR=/var/cache/detectd" in df, "Dockerfile: DETECTD_CACHE_DIR")
@@ -363,7 +363,7 @@ def check_dockerfile():
     for p in ("/target", "/.venv", "/.git"):
         check(p in ignore, f".dockerignore: {p} not excluded")
     # Every file of docker/ the Dockerfile copies or mounts must be let back into the context.
-    used = set(re.findall(r"(?:source=|COPY\s+)(docker/[\w./-]+)", df))
+    used = set(re.findall(r"(?:source=|COPY\s+(?:--\S+\s+)*|RUN\s+bash\s+)(docker/[\w./-]+)", df))
     check(used, "Dockerfile: reads nothing from docker/ (the regex no longer matches?)")
     for path in sorted(used):
         check(f"!/{path.rstrip('/')}" in ignore, f".dockerignore: the Dockerfile's {path} is excluded")

@@ -32,7 +32,10 @@ MAX_IMAGE_BYTES=1200000000
 log() { echo "image-test: $*"; }
 die() { echo "image-test: ERROR $*" >&2; exit 1; }
 
-dockerd_pid= native_pid= policy_rc_created=0
+dockerd_pid= native_pid= policy_rc_created=0 owns_offline=0
+OFFLINE=$ROOT/docker/offline
+# The engine's mounts under DIR (field 2 of /proc/mounts), deepest first.
+mounts_under() { awk -v p="$1/" 'index($2, p) == 1 { print $2 }' /proc/mounts | sort -r; }
 DOCKER=${DOCKER:-docker}
 cleanup() {
   local status=$?
@@ -50,17 +53,21 @@ cleanup() {
     kill "$dockerd_pid" 2>/dev/null
     for _ in $(seq 60); do kill -0 "$dockerd_pid" 2>/dev/null || break; sleep 0.5; done
     kill -9 "$dockerd_pid" 2>/dev/null
+    # dockerd started containerd itself; a hard-killed dockerd leaves it behind.
+    pkill -f "containerd --config $WORK/engine/" 2>/dev/null
     if [ "${DOCKER_TEST_KEEP:-0}" != 1 ]; then
-      # Leftover overlay mounts (a dockerd killed hard) must go before the folder can.
-      grep -o "$WORK/engine/[^ ]*" /proc/mounts 2>/dev/null | sort -r | xargs -r -n1 umount -l
+      # Leftover mounts (a dockerd killed hard) must go before the folder can.
+      mounts_under "$WORK/engine" | xargs -r -n1 umount -l
       rm -rf "$WORK/engine"
     fi
   fi
   [ "$policy_rc_created" = 1 ] && rm -f /usr/sbin/policy-rc.d
-  # What build-offline prepared: a filled docker/offline/ makes every later `docker build`
-  # of this checkout an offline one, which a changed Cargo.lock would then fail.
-  [ "${DOCKER_TEST_KEEP:-0}" = 1 ] || find "$ROOT/docker/offline" -mindepth 1 -maxdepth 1 \
-    ! -name README.md ! -name .gitignore -exec rm -rf {} +
+  # What this test prepared (never a folder someone else filled): a filled docker/offline/
+  # makes every later `docker build` of this checkout an offline one, which a changed
+  # Cargo.lock would then fail.
+  if [ "$owns_offline" = 1 ] && [ "${DOCKER_TEST_KEEP:-0}" != 1 ]; then
+    find "$OFFLINE" -mindepth 1 -maxdepth 1 ! -name README.md ! -name .gitignore -exec rm -rf {} +
+  fi
   return "$status"
 }
 trap cleanup EXIT
@@ -68,7 +75,14 @@ trap 'exit 130' INT TERM
 
 [ -x "$BIN" ] || die "no detectd binary at $BIN (cargo build --release, or set DETECTD_BIN)"
 [ -x "$PY" ] || die "no $PY (run scripts/setup)"
-[ "$(id -u)" = 0 ] || exec sudo -E "$0" "$@"
+# sudo's secure_path would drop ~/.cargo/bin (cargo vendor, rustc).
+[ "$(id -u)" = 0 ] || exec sudo -E env "PATH=$PATH" "$0" "$@"
+# docker/offline/ filled by someone else (build-offline --prepare-only, to carry across an air
+# gap) is theirs: this test would overwrite it, then empty it.
+if [ ! -e "$OFFLINE/.image-test" ] \
+  && [ -n "$(find "$OFFLINE" -mindepth 1 -maxdepth 1 ! -name README.md ! -name .gitignore)" ]; then
+  die "docker/offline/ holds a prepared build; move it aside first"
+fi
 export PATH=$PATH:/usr/sbin:/sbin
 mkdir -p "$WORK"
 t_start=$SECONDS
@@ -90,10 +104,16 @@ else
   need=()
   command -v dockerd >/dev/null || need+=(docker.io)
   command -v debootstrap >/dev/null || need+=(debootstrap)
-  command -v curl >/dev/null || need+=(curl)
   [ "${#need[@]}" = 0 ] || install_debs "${need[@]}"
   engine=$WORK/engine
-  rm -rf "$engine" && mkdir -p "$engine/root" "$engine/exec"
+  # A data root kept by DOCKER_TEST_KEEP=1 (its build cache) is reused; mounts an earlier
+  # run left behind are released either way.
+  mounts_under "$engine" | xargs -r -n1 umount -l
+  if [ "${DOCKER_TEST_KEEP:-0}" != 1 ]; then
+    rm -rf "$engine"
+  fi
+  rm -rf "$engine/exec"
+  mkdir -p "$engine/root" "$engine/exec"
   dockerd --iptables=false --ip6tables=false --bridge=none \
     --data-root "$engine/root" --exec-root "$engine/exec" --pidfile "$engine/dockerd.pid" \
     --host "unix://$engine/docker.sock" >"$engine/dockerd.log" 2>&1 &
@@ -107,12 +127,15 @@ else
   log "started dockerd $("$DOCKER" version -f '{{.Server.Version}}') (data root $engine/root)"
 fi
 export DOCKER
+command -v curl >/dev/null || install_debs curl
 
 # --- base images, then the image through the air-gapped path ---------------------------
 t0=$SECONDS
 "$ROOT/docker/base-images.sh" "$WORK/base"
 log "base images ready in $((SECONDS - t0)) s"
 t0=$SECONDS
+owns_offline=1
+touch "$OFFLINE/.image-test"
 "$ROOT/docker/build-offline" --prepare-only
 prepare_s=$((SECONDS - t0))
 t0=$SECONDS
@@ -134,9 +157,15 @@ fi
 [ -s "$data/photo.png" ] || "$PY" tests/support/tvref.py images --out-dir "$data" photo.png:480x640:RGB
 "$PY" -c 'import grpc_health' 2>/dev/null \
   || "$PY" -m pip install -q --disable-pip-version-check grpcio grpcio-health-checking
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-http_port=$(free_port) grpc_port=$(free_port)
-[ "$http_port" != 8080 ] || http_port=$(free_port)
+# Two distinct free ports, neither the image's default 8080 (both sockets open while asked).
+read -r http_port grpc_port < <("$PY" -c '
+import socket
+socks = []
+while len(socks) < 2:
+    s = socket.socket(); s.bind(("127.0.0.1", 0))
+    if s.getsockname()[1] != 8080: socks.append(s)
+print(*(s.getsockname()[1] for s in socks))')
+[ -n "$grpc_port" ] || die "no free ports"
 
 # --- the container: read-only root, cache volume, non-default ports ------------------------
 # The host's network (the engine has no bridge); `auto` precision, the serving default, runs
@@ -166,8 +195,10 @@ curl -fsS -o /dev/null "$served/readyz" || die "container not ready after 300 s"
 
 pid=$("$DOCKER" inspect -f '{{.State.Pid}}' "$NAME")
 uid=$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status")
-[ "$uid" != 0 ] || die "the server runs as root"
-log "server runs as uid $uid (image USER $("$DOCKER" image inspect -f '{{.Config.User}}' "$TAG")), root filesystem read-only"
+user=$("$DOCKER" image inspect -f '{{.Config.User}}' "$TAG")
+[ -n "$uid" ] && [ "$uid" != 0 ] && [ "$uid" = "${user%%:*}" ] \
+  || die "the server runs as uid '$uid', the image's USER is '$user'"
+log "server runs as uid $uid (the image's USER $user), root filesystem read-only"
 decision=$("$DOCKER" run --rm -v "$VOLUME:/cache:ro" --entrypoint sh "$TAG" -c 'ls /cache/precision/*.json')
 precision=$(curl -fsS "$served/v1/models" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["models"][0]["precision"])')
 log "auto chose $precision; its decision written to the cache volume: $decision"
@@ -183,7 +214,9 @@ for _ in $(seq 600); do
   kill -0 "$native_pid" 2>/dev/null || { tail -5 "$WORK/native.log" >&2; die "native binary exited"; }
   sleep 0.1
 done
+[ -n "$native" ] || die "the native binary printed no address in 60 s"
 for _ in $(seq 300); do curl -fsS -o /dev/null "$native/readyz" 2>/dev/null && break; sleep 1; done
+curl -fsS -o /dev/null "$native/readyz" || die "the native binary not ready after 300 s"
 "$PY" docker/image_check.py detect --served "$served" --native "$native" --image "$data/photo.png"
 kill "$native_pid" && wait "$native_pid" 2>/dev/null || true
 native_pid=

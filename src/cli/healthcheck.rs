@@ -8,7 +8,8 @@ use clap::Args;
 
 #[derive(Args, Debug)]
 pub struct HealthcheckArgs {
-    /// The address `serve` listens on; a wildcard (0.0.0.0, [::]) is asked on loopback.
+    /// The address `serve` listens on (the same DETECTD_LISTEN; a `serve --listen` flag is not
+    /// seen here); a wildcard (0.0.0.0, [::]) is asked on loopback.
     #[arg(long, env = "DETECTD_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
     /// Ask /readyz (models loaded and warm, not draining) instead of /healthz (the process
@@ -25,7 +26,8 @@ pub struct HealthcheckArgs {
 pub fn run(args: HealthcheckArgs) -> anyhow::Result<ExitCode> {
     let path = if args.ready { "readyz" } else { "healthz" };
     let url = format!("http://{}/{path}", loopback_for(args.listen));
-    let timeout = Duration::from_secs_f64(args.timeout_s.max(0.001));
+    let timeout = Duration::try_from_secs_f64(args.timeout_s.max(0.001))
+        .map_err(|e| anyhow::anyhow!("--timeout-s {}: {e}", args.timeout_s))?;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
         .http_status_as_error(false)
