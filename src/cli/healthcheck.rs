@@ -21,8 +21,8 @@ pub struct HealthcheckArgs {
     pub timeout_s: f64,
 }
 
-/// Exit 0 when `/healthz` (or `/readyz`) answers 200, 1 otherwise (with the reason on stderr), as Docker's
-/// HEALTHCHECK and Kubernetes' exec probes read it.
+/// Exit 0 when `/healthz` (or `/readyz`) answers 200, 1 otherwise (with the reason on
+/// stderr), as Docker's HEALTHCHECK and Kubernetes' exec probes read it.
 pub fn run(args: HealthcheckArgs) -> anyhow::Result<ExitCode> {
     let path = if args.ready { "readyz" } else { "healthz" };
     let url = format!("http://{}/{path}", loopback_for(args.listen));
