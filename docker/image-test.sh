@@ -92,9 +92,10 @@ t_start=$SECONDS
 # rather than half an hour in with "No space left on device".
 NEED_GB=${IMAGE_TEST_NEED_GB:-10}
 free_gb() { df -P -BG "$WORK" | awk 'NR == 2 { sub("G", "", $4); print $4 }'; }
-log "$(free_gb) GB free under $WORK (needs about $NEED_GB)"
-[ "$(free_gb)" -ge "$NEED_GB" ] \
-  || die "$(free_gb) GB free under $WORK, the image test needs about $NEED_GB (IMAGE_TEST_NEED_GB)"
+free=$(free_gb)
+log "$free GB free under $WORK (needs about $NEED_GB)"
+[ "$free" -ge "$NEED_GB" ] \
+  || die "$free GB free under $WORK, the image test needs about $NEED_GB (IMAGE_TEST_NEED_GB)"
 
 # --- the engine ---------------------------------------------------------------------------
 install_debs() {
