@@ -86,6 +86,15 @@ fi
 export PATH=$PATH:/usr/sbin:/sbin
 mkdir -p "$WORK"
 t_start=$SECONDS
+# Free space where the engine's data root goes: the test from nothing used ~9 GB at its peak
+# (measured with `df`: base images, docker/offline/, the build context, the toolchain layer
+# with torch, the cargo target cache, the image). Below NEED_GB it fails now, saying so,
+# rather than half an hour in with "No space left on device".
+NEED_GB=${IMAGE_TEST_NEED_GB:-10}
+free_gb() { df -P -BG "$WORK" | awk 'NR == 2 { sub("G", "", $4); print $4 }'; }
+log "$(free_gb) GB free under $WORK (needs about $NEED_GB)"
+[ "$(free_gb)" -ge "$NEED_GB" ] \
+  || die "$(free_gb) GB free under $WORK, the image test needs about $NEED_GB (IMAGE_TEST_NEED_GB)"
 
 # --- the engine ---------------------------------------------------------------------------
 install_debs() {
@@ -132,6 +141,8 @@ command -v curl >/dev/null || install_debs curl
 # --- base images, then the image through the air-gapped path ---------------------------
 t0=$SECONDS
 "$ROOT/docker/base-images.sh" "$WORK/base"
+# Our own engine: the base images' build context (the Rust toolchain) is not needed again.
+[ -z "$dockerd_pid" ] || "$DOCKER" builder prune -af >/dev/null
 log "base images ready in $((SECONDS - t0)) s"
 t0=$SECONDS
 owns_offline=1
@@ -142,6 +153,7 @@ t0=$SECONDS
 "$ROOT/docker/build-offline" --build-only --tag "$TAG" >"$WORK/build.log" 2>&1 \
   || { tail -30 "$WORK/build.log" >&2; die "docker build failed (whole log: $WORK/build.log)"; }
 build_s=$((SECONDS - t0))
+log "$(free_gb) GB free under $WORK after the build"
 size=$("$DOCKER" image inspect -f '{{.Size}}' "$TAG")
 log "image $TAG: $((size / 1000000)) MB; prepared in ${prepare_s} s, built with --network none in ${build_s} s"
 [ "$size" -le "$MAX_IMAGE_BYTES" ] || die "image is $size bytes, over $MAX_IMAGE_BYTES"
