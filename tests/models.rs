@@ -309,7 +309,8 @@ fn versions_swap_under_load_without_a_failed_request() {
     let (status, body) = json_of(put);
     assert_eq!((status, body["version"].as_u64()), (200, Some(2)), "{body}");
     assert_eq!(body["state"], "ready");
-    wait_for(seen.lock().expect("seen").answers.len() + 60);
+    let so_far = seen.lock().expect("seen").answers.len();
+    wait_for(so_far + 60);
     let (status, body) = json_of(admin(
         reqwest::Method::PUT,
         Some(json!({"source": path_str(&broken), "min_size": 160})),
@@ -320,7 +321,8 @@ fn versions_swap_under_load_without_a_failed_request() {
     assert_eq!((parts["version"].as_u64(), parts["state"].as_str()), (Some(2), Some("ready")), "{parts}");
     assert_eq!(parts["next"]["state"], "failed", "{parts}");
     assert!(parts["next"]["error"].as_str().is_some_and(|e| e.contains("models-broken.pth")), "{parts}");
-    wait_for(seen.lock().expect("seen").answers.len() + 40);
+    let so_far = seen.lock().expect("seen").answers.len();
+    wait_for(so_far + 40);
     let total = seen.lock().expect("seen").answers.len();
     assert!(total >= 200, "{total} answers");
     stop.store(true, Ordering::SeqCst);
