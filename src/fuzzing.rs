@@ -26,7 +26,11 @@ pub fn image(bytes: &[u8]) {
     let Ok(img) = imaging::decode(bytes, MAX_PIXELS) else {
         return;
     };
-    let _ = DetectInput::new(&img, DetectorResize::default(), 0.05);
+    let _ = DetectInput::new(
+        &img,
+        DetectorResize::default(),
+        crate::model::detector::BOX_SCORE_THRESH,
+    );
     let _ = ClassifyInput::new(&img, Preset::V2, 5);
 }
 

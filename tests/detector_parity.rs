@@ -174,10 +174,22 @@ fn constructor_arguments_match_torchvision_built_with_them() {
         box_detections_per_img: 60,
     };
     let knobs = [
-        "--min-size", "600", "--max-size", "1000",
-        "--rpn-pre-nms-top-n-test", "500", "--rpn-post-nms-top-n-test", "300",
-        "--rpn-nms-thresh", "0.6", "--box-score-thresh", "0.02",
-        "--box-nms-thresh", "0.3", "--box-detections-per-img", "60",
+        "--min-size",
+        "600",
+        "--max-size",
+        "1000",
+        "--rpn-pre-nms-top-n-test",
+        "500",
+        "--rpn-post-nms-top-n-test",
+        "300",
+        "--rpn-nms-thresh",
+        "0.6",
+        "--box-score-thresh",
+        "0.02",
+        "--box-nms-thresh",
+        "0.3",
+        "--box-detections-per-img",
+        "60",
     ];
     parity_with("v1", &["--frozen-eps", "0.0"], params, &knobs);
     parity_with("v2", &[], params, &knobs);

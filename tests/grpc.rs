@@ -422,9 +422,14 @@ fn a_drain_turns_health_off_refuses_new_calls_and_finishes_running_ones() {
             .map(|_| {
                 let mut c = c.clone();
                 let image = bytes(&imgs[0]);
-                tokio::spawn(
-                    async move { c.classify(pb::ClassifyRequest { image, top_k: 1, ..Default::default() }).await },
-                )
+                tokio::spawn(async move {
+                    c.classify(pb::ClassifyRequest {
+                        image,
+                        top_k: 1,
+                        ..Default::default()
+                    })
+                    .await
+                })
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -18,8 +18,8 @@ use detectd::labels::Labels;
 use detectd::metrics::Metrics;
 use detectd::model::{Detection, ModelError};
 use detectd::service::{
-    Decoding, DetectInput, Limits, LoadContext, Loaded, ModelInfo, ModelSettings, Registry,
-    Served, Service, SettingsDefaults,
+    Decoding, DetectInput, Limits, LoadContext, Loaded, ModelInfo, ModelSettings, Registry, Served,
+    Service, SettingsDefaults,
 };
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
@@ -252,20 +252,61 @@ fn limits_answer_with_their_status_and_code() {
 fn models_are_reached_by_name_and_an_unknown_one_is_404() {
     let app = app(Setup::default());
     runtime().block_on(async {
-        let (status, body) = send(&app, post("/v1/models/other/detect", "image/png", png_of(8, 8))).await;
+        let (status, body) = send(
+            &app,
+            post("/v1/models/other/detect", "image/png", png_of(8, 8)),
+        )
+        .await;
         assert_eq!(status, 200, "{body}");
-        assert_eq!((body["model"]["name"].as_str(), body["model"]["version"].as_u64()), (Some("other"), Some(1)));
-        let (status, body) = send(&app, post("/detect?model=other", "image/png", png_of(8, 8))).await;
-        assert_eq!((status.as_u16(), body["model"]["name"].as_str()), (200, Some("other")), "{body}");
+        assert_eq!(
+            (
+                body["model"]["name"].as_str(),
+                body["model"]["version"].as_u64()
+            ),
+            (Some("other"), Some(1))
+        );
+        let (status, body) =
+            send(&app, post("/detect?model=other", "image/png", png_of(8, 8))).await;
+        assert_eq!(
+            (status.as_u16(), body["model"]["name"].as_str()),
+            (200, Some("other")),
+            "{body}"
+        );
         let (_, body) = send(&app, post("/detect", "image/png", png_of(8, 8))).await;
-        assert_eq!(body["model"]["name"], "detector", "the first is the default");
-        for path in ["/v1/models/nope/detect", "/detect?model=nope", "/v1/models/detector/classify"] {
+        assert_eq!(
+            body["model"]["name"], "detector",
+            "the first is the default"
+        );
+        for path in [
+            "/v1/models/nope/detect",
+            "/detect?model=nope",
+            "/v1/models/detector/classify",
+        ] {
             let (status, body) = send(&app, post(path, "image/png", png_of(8, 8))).await;
-            assert_eq!((status.as_u16(), body["code"].as_str()), (404, Some("model_not_found")), "{path}: {body}");
+            assert_eq!(
+                (status.as_u16(), body["code"].as_str()),
+                (404, Some("model_not_found")),
+                "{path}: {body}"
+            );
         }
-        let listed = app.clone().oneshot(Request::get("/v1/models").body(Body::empty()).expect("request")).await.expect("response");
-        let listed: Value = serde_json::from_slice(&listed.into_body().collect().await.expect("body").to_bytes()).expect("json");
-        let names: Vec<&str> = listed["models"].as_array().expect("models").iter().filter_map(|m| m["name"].as_str()).collect();
+        let listed = app
+            .clone()
+            .oneshot(
+                Request::get("/v1/models")
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("response");
+        let listed: Value =
+            serde_json::from_slice(&listed.into_body().collect().await.expect("body").to_bytes())
+                .expect("json");
+        let names: Vec<&str> = listed["models"]
+            .as_array()
+            .expect("models")
+            .iter()
+            .filter_map(|m| m["name"].as_str())
+            .collect();
         assert_eq!(names, ["detector", "other"]);
         assert_eq!(listed["models"][1]["state"], "ready");
         assert_eq!(listed["models"][1]["settings"]["box_nms_thresh"], 0.5);
@@ -275,11 +316,13 @@ fn models_are_reached_by_name_and_an_unknown_one_is_404() {
 #[test]
 fn the_admin_api_needs_its_key_and_is_absent_without_one() {
     let put = |key: Option<&str>| {
-        let mut r = Request::put("/v1/models/other").header(header::CONTENT_TYPE, "application/json");
+        let mut r =
+            Request::put("/v1/models/other").header(header::CONTENT_TYPE, "application/json");
         if let Some(k) = key {
             r = r.header(header::AUTHORIZATION, format!("Bearer {k}"));
         }
-        r.body(Body::from(r#"{"source": "/nowhere.pth"}"#)).expect("request")
+        r.body(Body::from(r#"{"source": "/nowhere.pth"}"#))
+            .expect("request")
     };
     let delete = |key: &str| {
         Request::delete("/v1/models/other")
@@ -299,14 +342,30 @@ fn the_admin_api_needs_its_key_and_is_absent_without_one() {
         assert_eq!(status, 404);
         for key in [None, Some("wrong")] {
             let (status, body) = send(&with, put(key)).await;
-            assert_eq!((status.as_u16(), body["code"].as_str()), (401, Some("unauthorized")), "{key:?}");
+            assert_eq!(
+                (status.as_u16(), body["code"].as_str()),
+                (401, Some("unauthorized")),
+                "{key:?}"
+            );
         }
         let (status, body) = send(&with, put(Some("sesame"))).await;
-        assert_eq!((status.as_u16(), body["code"].as_str()), (422, Some("load_failed")), "{body}");
+        assert_eq!(
+            (status.as_u16(), body["code"].as_str()),
+            (422, Some("load_failed")),
+            "{body}"
+        );
         let (status, _) = send(&with, delete("sesame")).await;
         assert_eq!(status, 204);
-        let (status, body) = send(&with, post("/v1/models/other/detect", "image/png", png_of(8, 8))).await;
-        assert_eq!((status.as_u16(), body["code"].as_str()), (404, Some("model_not_found")), "{body}");
+        let (status, body) = send(
+            &with,
+            post("/v1/models/other/detect", "image/png", png_of(8, 8)),
+        )
+        .await;
+        assert_eq!(
+            (status.as_u16(), body["code"].as_str()),
+            (404, Some("model_not_found")),
+            "{body}"
+        );
         let (status, _) = send(&with, delete("sesame")).await;
         assert_eq!(status, 404, "deleted twice");
     });

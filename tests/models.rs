@@ -56,17 +56,30 @@ fn assert_same(what: &str, answer: &Value, refs: &HashMap<String, Tensor>, names
     let scores: Vec<f32> = refs["0.scores"].shallow_clone().try_into().expect("scores");
     let labels: Vec<i64> = refs["0.labels"].shallow_clone().try_into().expect("labels");
     assert_eq!(dets.len(), scores.len(), "{what}: detection count");
-    assert!(!dets.is_empty(), "{what}: the seeded weights should detect something");
+    assert!(
+        !dets.is_empty(),
+        "{what}: the seeded weights should detect something"
+    );
     for (i, d) in dets.iter().enumerate() {
         assert_eq!(d["label_id"].as_i64(), Some(labels[i]), "{what} #{i}");
         let score = d["score"].as_f64().expect("score");
-        assert!((score - scores[i] as f64).abs() < 1e-4, "{what} #{i}: score");
+        assert!(
+            (score - scores[i] as f64).abs() < 1e-4,
+            "{what} #{i}: score"
+        );
         for k in 0..4 {
             let b = d["box"][k].as_f64().expect("box");
-            assert!((b - boxes[4 * i + k] as f64).abs() < 1e-3, "{what} #{i}: box");
+            assert!(
+                (b - boxes[4 * i + k] as f64).abs() < 1e-3,
+                "{what} #{i}: box"
+            );
         }
         if let Some(names) = names {
-            assert_eq!(d["label"].as_str(), Some(names[labels[i] as usize]), "{what}");
+            assert_eq!(
+                d["label"].as_str(),
+                Some(names[labels[i] as usize]),
+                "{what}"
+            );
         }
     }
 }
@@ -159,28 +172,70 @@ preset = "v1"
     assert_same("general", &general, &refs, None);
 
     let knobs = [
-        "--min-size", "600", "--max-size", "1000", "--box-nms-thresh", "0.3",
-        "--rpn-post-nms-top-n-test", "300",
+        "--min-size",
+        "600",
+        "--max-size",
+        "1000",
+        "--box-nms-thresh",
+        "0.3",
+        "--rpn-post-nms-top-n-test",
+        "300",
     ];
     let refs = tv_detections("v2knobs", "v2", &v2, "91", &knobs, &img);
-    assert_same("v2 with its settings", &detect("/detect?model=v2"), &refs, None);
+    assert_same(
+        "v2 with its settings",
+        &detect("/detect?model=v2"),
+        &refs,
+        None,
+    );
 
-    let refs = tv_detections("parts", "v1", &parts, "5", &["--box-score-thresh", "0.1"], &img);
+    let refs = tv_detections(
+        "parts",
+        "v1",
+        &parts,
+        "5",
+        &["--box-score-thresh", "0.1"],
+        &img,
+    );
     let by_default = detect("/detect");
     assert_eq!(by_default["model"]["name"], "parts", "default = true");
     assert_same("parts", &by_default, &refs, Some(&NAMES));
-    assert_same("parts", &detect("/v1/models/parts/detect"), &refs, Some(&NAMES));
+    assert_same(
+        "parts",
+        &detect("/v1/models/parts/detect"),
+        &refs,
+        Some(&NAMES),
+    );
 
-    let (status, answer) = json_of(post(&server, "/v1/models/cls/classify?top_k=5", "image/png", png.clone()));
+    let (status, answer) = json_of(post(
+        &server,
+        "/v1/models/cls/classify?top_k=5",
+        "image/png",
+        png.clone(),
+    ));
     assert_eq!(status, 200, "{answer}");
     let probs = read_tensors(&tvref(
         &data_dir().join("ref_models_cls.safetensors"),
-        &["ref-classifier", "--preset", "v1", "--weights", &cls, "--out", "{out}", &img],
+        &[
+            "ref-classifier",
+            "--preset",
+            "v1",
+            "--weights",
+            &cls,
+            "--out",
+            "{out}",
+            &img,
+        ],
     ));
     let (top, idx) = probs["0.probs"].topk(5, -1, true, true);
     let top: Vec<f32> = top.try_into().expect("top");
     let idx: Vec<i64> = idx.try_into().expect("idx");
-    for (i, p) in answer["results"][0]["predictions"].as_array().expect("predictions").iter().enumerate() {
+    for (i, p) in answer["results"][0]["predictions"]
+        .as_array()
+        .expect("predictions")
+        .iter()
+        .enumerate()
+    {
         assert_eq!(p["label_id"].as_i64(), Some(idx[i]), "cls #{i}");
         assert!((p["score"].as_f64().expect("score") - top[i] as f64).abs() < 1e-4);
     }
@@ -188,10 +243,26 @@ preset = "v1"
     assert_eq!((status, body["model"]["name"].as_str()), (200, Some("cls")));
 
     let list = get_json(&server, "/v1/models");
-    let names: Vec<&str> = list["models"].as_array().expect("models").iter().filter_map(|m| m["name"].as_str()).collect();
-    assert_eq!(names, ["v2", "general", "parts", "cls"], "--model first, then the file's tables");
+    let names: Vec<&str> = list["models"]
+        .as_array()
+        .expect("models")
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["v2", "general", "parts", "cls"],
+        "--model first, then the file's tables"
+    );
     let v2 = model(&list, "v2");
-    assert_eq!((v2["state"].as_str(), v2["version"].as_u64(), v2["task"].as_str()), (Some("ready"), Some(1), Some("detect")));
+    assert_eq!(
+        (
+            v2["state"].as_str(),
+            v2["version"].as_u64(),
+            v2["task"].as_str()
+        ),
+        (Some("ready"), Some(1), Some("detect"))
+    );
     assert_eq!(v2["settings"]["min_size"], 600);
     assert_eq!(v2["settings"]["rpn_post_nms_top_n_test"], 300);
     assert_eq!(v2["arch"], "fasterrcnn_resnet50_fpn_v2");
@@ -199,10 +270,17 @@ preset = "v1"
     assert_eq!(model(&list, "cls")["settings"]["preset"], "v1");
     for m in list["models"].as_array().expect("models") {
         let mb = m["memory_mb"].as_u64().unwrap_or(0);
-        assert!(mb > 50, "{}: memory measured at load and warm-up: {m}", m["name"]);
+        assert!(
+            mb > 50,
+            "{}: memory measured at load and warm-up: {m}",
+            m["name"]
+        );
     }
     let metrics = server.metrics();
-    assert!(metrics.contains(r#"detectd_images_total{model="parts",version="1"}"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"detectd_images_total{model="parts",version="1"}"#),
+        "{metrics}"
+    );
     assert!(metrics.contains(r#"model="v2",version="1""#));
     assert_error(
         "unknown model",
@@ -237,7 +315,14 @@ fn versions_swap_under_load_without_a_failed_request() {
     let settings = "min_size=160,max_size=200";
     let flag = format!("parts={old},labels={labels},{settings}");
     let server = Arc::new(Server::start(
-        &["--model", &flag, "--admin-key", "sesame", "--warmup-images", "1"],
+        &[
+            "--model",
+            &flag,
+            "--admin-key",
+            "sesame",
+            "--warmup-images",
+            "1",
+        ],
         true,
     ));
     let stop = Arc::new(AtomicBool::new(false));
@@ -245,8 +330,13 @@ fn versions_swap_under_load_without_a_failed_request() {
     let sent = Arc::new(AtomicUsize::new(0));
     let clients: Vec<_> = (0..8)
         .map(|_| {
-            let (server, png, stop, seen, sent) =
-                (server.clone(), png.clone(), stop.clone(), seen.clone(), sent.clone());
+            let (server, png, stop, seen, sent) = (
+                server.clone(),
+                png.clone(),
+                stop.clone(),
+                seen.clone(),
+                sent.clone(),
+            );
             std::thread::spawn(move || {
                 let http = client();
                 while !stop.load(Ordering::SeqCst) {
@@ -315,12 +405,25 @@ fn versions_swap_under_load_without_a_failed_request() {
         reqwest::Method::PUT,
         Some(json!({"source": path_str(&broken), "min_size": 160})),
     ));
-    assert_eq!((status, body["code"].as_str()), (422, Some("load_failed")), "{body}");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("load_failed")),
+        "{body}"
+    );
     let listed = get_json(&server, "/v1/models");
     let parts = model(&listed, "parts");
-    assert_eq!((parts["version"].as_u64(), parts["state"].as_str()), (Some(2), Some("ready")), "{parts}");
+    assert_eq!(
+        (parts["version"].as_u64(), parts["state"].as_str()),
+        (Some(2), Some("ready")),
+        "{parts}"
+    );
     assert_eq!(parts["next"]["state"], "failed", "{parts}");
-    assert!(parts["next"]["error"].as_str().is_some_and(|e| e.contains("models-broken.pth")), "{parts}");
+    assert!(
+        parts["next"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("models-broken.pth")),
+        "{parts}"
+    );
     let so_far = seen.lock().expect("seen").answers.len();
     wait_for((so_far + 40).max(200));
     let total = seen.lock().expect("seen").answers.len();
@@ -333,36 +436,70 @@ fn versions_swap_under_load_without_a_failed_request() {
     assert!(not_ready.is_empty(), "/readyz was not 200: {not_ready:?}");
 
     let seen = seen.lock().expect("seen");
-    assert!(seen.failures.is_empty(), "{} failed: {:?}", seen.failures.len(), &seen.failures[..seen.failures.len().min(5)]);
+    assert!(
+        seen.failures.is_empty(),
+        "{} failed: {:?}",
+        seen.failures.len(),
+        &seen.failures[..seen.failures.len().min(5)]
+    );
     // One answer per version: the server is deterministic, so every answer of a version
     // equals its first; the two versions' answers differ.
     let first = |v: u64| seen.answers.iter().find(|a| a.0 == v).map(|a| a.1.clone());
-    let (one, two) = (first(1).expect("answers of v1"), first(2).expect("answers of v2"));
+    let (one, two) = (
+        first(1).expect("answers of v1"),
+        first(2).expect("answers of v2"),
+    );
     assert_ne!(one, two, "new weights, new answers");
     for (version, dets, at) in &seen.answers {
         assert!(*version == 1 || *version == 2, "version {version}");
         let expected = if *version == 1 { &one } else { &two };
-        assert_eq!(dets, expected, "an answer of version {version} differs from that version's");
+        assert_eq!(
+            dets, expected,
+            "an answer of version {version} differs from that version's"
+        );
         if *at > swapped_at {
-            assert_eq!(*version, 2, "a request sent after the swap answered got version {version}");
+            assert_eq!(
+                *version, 2,
+                "a request sent after the swap answered got version {version}"
+            );
         }
     }
     // Version 2 is torchvision's answer for the new weights.
-    let refs = tv_detections("parts_v2", "v1", &new, "5", &["--min-size", "160", "--max-size", "200"], &path_str(&img[0]));
-    assert_same("version 2", &json!({"results": [{"detections": two}]}), &refs, Some(&NAMES));
+    let refs = tv_detections(
+        "parts_v2",
+        "v1",
+        &new,
+        "5",
+        &["--min-size", "160", "--max-size", "200"],
+        &path_str(&img[0]),
+    );
+    assert_same(
+        "version 2",
+        &json!({"results": [{"detections": two}]}),
+        &refs,
+        Some(&NAMES),
+    );
     drop(seen);
 
     let gone = admin(reqwest::Method::DELETE, None);
     assert_eq!(gone.status(), 204);
     assert_error(
         "deleted model",
-        post(&server, "/v1/models/parts/detect", "image/png", png.to_vec()),
+        post(
+            &server,
+            "/v1/models/parts/detect",
+            "image/png",
+            png.to_vec(),
+        ),
         404,
         "model_not_found",
     );
     assert_eq!(admin(reqwest::Method::DELETE, None).status(), 404);
     let metrics = server.metrics();
-    assert!(metrics.contains(r#"detectd_images_total{model="parts",version="2"}"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"detectd_images_total{model="parts",version="2"}"#),
+        "{metrics}"
+    );
 }
 
 /// SIGHUP re-reads --config: a changed model gets a new version, a new one is loaded, a
@@ -375,29 +512,54 @@ fn sighup_applies_the_changed_config_file() {
     write(&format!(
         "[[model]]\nname = \"a\"\nsource = \"{cls}\"\n\n[[model]]\nname = \"b\"\nsource = \"{cls}\"\n"
     ));
-    let server = Server::start(&["--config", &path_str(&config), "--warmup-images", "0"], true);
+    let server = Server::start(
+        &["--config", &path_str(&config), "--warmup-images", "0"],
+        true,
+    );
     write(&format!(
         "[[model]]\nname = \"a\"\nsource = \"{cls}\"\nmax_batch_size = 2\n\n[[model]]\nname = \"c\"\nsource = \"{cls}\"\n"
     ));
     let pid = server.child.id().to_string();
-    let status = std::process::Command::new("kill").args(["-HUP", &pid]).status().expect("kill");
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill");
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let list = get_json(&server, "/v1/models");
-        let names: Vec<&str> = list["models"].as_array().expect("models").iter().filter_map(|m| m["name"].as_str()).collect();
+        let names: Vec<&str> = list["models"]
+            .as_array()
+            .expect("models")
+            .iter()
+            .filter_map(|m| m["name"].as_str())
+            .collect();
         let a = model(&list, "a");
         if names == ["a", "c"] && a["version"] == 2 && model(&list, "c")["state"] == "ready" {
             assert_eq!(a["settings"]["max_batch_size"], 2);
             break;
         }
-        assert!(Instant::now() < deadline, "SIGHUP not applied: {list}\n{}", server.log());
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP not applied: {list}\n{}",
+            server.log()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let png = png_of(64, 48);
-    let (status, body) = json_of(post(&server, "/v1/models/c/classify", "image/png", png.clone()));
+    let (status, body) = json_of(post(
+        &server,
+        "/v1/models/c/classify",
+        "image/png",
+        png.clone(),
+    ));
     assert_eq!(status, 200, "{body}");
-    assert_error("unloaded", post(&server, "/v1/models/b/classify", "image/png", png), 404, "model_not_found");
+    assert_error(
+        "unloaded",
+        post(&server, "/v1/models/b/classify", "image/png", png),
+        404,
+        "model_not_found",
+    );
 }
 
 /// With --max-memory-mb, a load that would pass the bound is refused with a clear error, and
@@ -413,9 +575,21 @@ fn a_load_past_max_memory_is_refused() {
         .send()
         .expect("PUT");
     let (status, body) = json_of(r);
-    assert_eq!((status, body["code"].as_str()), (507, Some("insufficient_memory")), "{body}");
-    assert!(body["error"].as_str().is_some_and(|e| e.contains("--max-memory-mb")), "{body}");
-    let health = client().get(server.url("/healthz")).send().expect("healthz");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (507, Some("insufficient_memory")),
+        "{body}"
+    );
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("--max-memory-mb")),
+        "{body}"
+    );
+    let health = client()
+        .get(server.url("/healthz"))
+        .send()
+        .expect("healthz");
     assert_eq!(health.status(), 200);
 }
 
@@ -423,10 +597,19 @@ fn a_load_past_max_memory_is_refused() {
 #[test]
 fn bad_settings_fail_the_start_naming_model_and_key() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_detectd"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--model", "parts=/x.pth,box_thresh=0.3"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            "parts=/x.pth,box_thresh=0.3",
+        ])
         .output()
         .expect("run");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("\"parts\"") && err.contains("box_thresh"), "{err}");
+    assert!(
+        err.contains("\"parts\"") && err.contains("box_thresh"),
+        "{err}"
+    );
 }

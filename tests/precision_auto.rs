@@ -73,7 +73,7 @@ fn chosen(server: &Server) -> (String, String) {
     let trial = &m["precision_trial"];
     assert_eq!(m["precision"], trial["chosen"], "{m}");
     let metric = format!(
-        "detectd_model_info{{arch=\"resnet50 (preset v2)\",device=\"cpu\",model=\"classifier\",precision={}}} 1",
+        "detectd_model_info{{arch=\"resnet50 (preset v2)\",device=\"cpu\",model=\"classifier\",precision={},version=\"1\"}} 1",
         m["precision"]
     );
     assert!(

@@ -466,8 +466,12 @@ mod tests {
             max_batch_delay: Duration::from_millis(20),
             max_queue,
         };
-        let (b, started, handle) =
-            Batcher::spawn(ModelLabels::new("test", 1), config, Arc::new(Metrics::new()), || Ok(Doubler));
+        let (b, started, handle) = Batcher::spawn(
+            ModelLabels::new("test", 1),
+            config,
+            Arc::new(Metrics::new()),
+            || Ok(Doubler),
+        );
         assert!(started.blocking_recv().expect("started").is_ok());
         (b, handle)
     }
@@ -534,8 +538,12 @@ mod tests {
             max_queue: 16,
         };
         let engine = OneByOne(runs.clone());
-        let (b, started, _handle) =
-            Batcher::spawn(ModelLabels::new("one", 1), config, Arc::new(Metrics::new()), move || Ok(engine));
+        let (b, started, _handle) = Batcher::spawn(
+            ModelLabels::new("one", 1),
+            config,
+            Arc::new(Metrics::new()),
+            move || Ok(engine),
+        );
         assert!(started.blocking_recv().expect("started").is_ok());
         let jobs = [vec![1], vec![2, 3], vec![4], vec![5]];
         let rxs: Vec<_> = jobs
@@ -581,10 +589,12 @@ mod tests {
             max_queue: 16,
         };
         let engine = OneByOne(runs.clone());
-        let (b, started, _handle) =
-            Batcher::spawn(ModelLabels::new("parts", 1), config, Arc::new(Metrics::new()), move || {
-                Ok(engine)
-            });
+        let (b, started, _handle) = Batcher::spawn(
+            ModelLabels::new("parts", 1),
+            config,
+            Arc::new(Metrics::new()),
+            move || Ok(engine),
+        );
         assert!(started.blocking_recv().expect("started").is_ok());
         // Whole when its caller waits: ten runs of one image.
         let rx = b.submit((0..10).collect(), far()).expect("submit");

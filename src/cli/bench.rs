@@ -12,13 +12,13 @@ use super::Runtime;
 use crate::model::autotune::MIN_AGREEMENT;
 use crate::model::classifier::CROP;
 use crate::model::detector::DetectorConfig;
+use crate::model::detector::BOX_SCORE_THRESH;
 use crate::model::layers::{record_ops, OpCall};
 use crate::model::transform::{prepare_classifier, prepare_detector};
 use crate::model::Named;
 use crate::model::{
     resolve_precision, ArchChoice, Classifier, DetectRequest, FasterRcnn, Precision, Preset,
 };
-use crate::model::detector::BOX_SCORE_THRESH;
 use crate::service::{
     tune_classifier, tune_detector, BatchConfig, ClassifierSpec, DetectorSpec, Tuned,
 };

@@ -11,13 +11,13 @@ use super::{inputs, resolve_weights, CacheArgs, Runtime};
 use crate::imaging;
 use crate::model::agreement::{ClassAgreement, DetectionAgreement, MIN_IOU, MIN_SCORE};
 use crate::model::classifier::CROP;
+use crate::model::detector::BOX_SCORE_THRESH;
 use crate::model::transform::{prepare_classifier, prepare_detector};
 use crate::model::Named;
 use crate::model::{
     resolve_precision, ArchChoice, Classifier, DetectRequest, DetectorConfig, FasterRcnn,
     Precision, Preset,
 };
-use crate::model::detector::BOX_SCORE_THRESH;
 use crate::weights::StateDict;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

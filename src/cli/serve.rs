@@ -47,7 +47,12 @@ pub struct ServeArgs {
     pub classifier_weights: Option<String>,
     /// A model by name: NAME=SOURCE[,key=value...] with the keys of a [[model]] table
     /// (repeat for more; in the environment, separate them with ';').
-    #[arg(long = "model", value_name = "NAME=SOURCE[,KEY=VALUE...]", env = "DETECTD_MODELS", value_delimiter = ';')]
+    #[arg(
+        long = "model",
+        value_name = "NAME=SOURCE[,KEY=VALUE...]",
+        env = "DETECTD_MODELS",
+        value_delimiter = ';'
+    )]
     pub models: Vec<String>,
     /// A TOML file of [[model]] tables (name, source and the per-model keys); SIGHUP re-reads
     /// it and loads, swaps or unloads what changed.
@@ -229,10 +234,9 @@ fn settings_defaults(args: &ServeArgs) -> SettingsDefaults {
 }
 
 fn read_config(path: &std::path::Path, d: &SettingsDefaults) -> anyhow::Result<Vec<ModelSettings>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("--config {}", path.display()))?;
-    settings::from_config(&text, d)
-        .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("--config {}", path.display()))?;
+    settings::from_config(&text, d).map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))
 }
 
 /// Every model the flags and the config file name: the two shorthands first, then --model,
@@ -241,8 +245,18 @@ fn model_settings(args: &ServeArgs) -> anyhow::Result<Vec<ModelSettings>> {
     let d = settings_defaults(args);
     let mut all = Vec::new();
     let shorthands = [
-        (&args.detector_weights, "detector", Task::Detect, &args.labels),
-        (&args.classifier_weights, "classifier", Task::Classify, &args.classifier_labels),
+        (
+            &args.detector_weights,
+            "detector",
+            Task::Detect,
+            &args.labels,
+        ),
+        (
+            &args.classifier_weights,
+            "classifier",
+            Task::Classify,
+            &args.classifier_labels,
+        ),
     ];
     for (weights, name, task, labels) in shorthands {
         if let Some(w) = weights {
@@ -291,7 +305,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let (service, starts) = start_models(&args, &metrics)?;
     if service.registry.is_empty() {
-        tracing::warn!("no model loaded: give --detector-weights, --classifier-weights, --model or --config");
+        tracing::warn!(
+            "no model loaded: give --detector-weights, --classifier-weights, --model or --config"
+        );
     }
     let service = Arc::new(service);
     if let Some(path) = &args.config {
@@ -393,7 +409,9 @@ fn watch_starts(starts: Starts) {
             match started.await {
                 Ok(Ok(())) => tracing::info!(model = %name, "model ready"),
                 Ok(Err(e)) => fail_start(&format!("model {name:?}: {e}")),
-                Err(_) => fail_start(&format!("model {name:?}: its worker exited during start-up")),
+                Err(_) => fail_start(&format!(
+                    "model {name:?}: its worker exited during start-up"
+                )),
             }
         });
     }
@@ -423,8 +441,15 @@ async fn reload_on_sighup(registry: Weak<Registry>, path: PathBuf, defaults: Set
     }
 }
 
-async fn apply_config(registry: &Arc<Registry>, applied: &[ModelSettings], wanted: &[ModelSettings]) {
-    for gone in applied.iter().filter(|a| wanted.iter().all(|w| w.name != a.name)) {
+async fn apply_config(
+    registry: &Arc<Registry>,
+    applied: &[ModelSettings],
+    wanted: &[ModelSettings],
+) {
+    for gone in applied
+        .iter()
+        .filter(|a| wanted.iter().all(|w| w.name != a.name))
+    {
         match registry.delete(&gone.name) {
             Ok(()) => tracing::info!(model = %gone.name, "SIGHUP: unloaded"),
             Err(e) => tracing::warn!(model = %gone.name, error = %e, "SIGHUP: not unloaded"),

@@ -4,7 +4,9 @@
 use super::pb;
 use crate::labels::{NamedDetection, NamedPrediction};
 use crate::model::Named;
-use crate::service::{Answer, ClassifyOptions, DetectOptions, ModelInfo, ModelState, Service, Task};
+use crate::service::{
+    Answer, ClassifyOptions, DetectOptions, ModelInfo, ModelState, Service, Task,
+};
 
 /// proto3's empty string: no model named, the default one.
 pub fn model_name(model: String) -> Option<String> {

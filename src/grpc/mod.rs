@@ -188,7 +188,8 @@ impl Detector for DetectorApi {
         let images = r.images.into_iter().map(Into::into).collect();
         let answer = self
             .call("ClassifyBatch", timeout, |s, deadline| async move {
-                s.classify(model.as_deref(), images, &options, deadline).await
+                s.classify(model.as_deref(), images, &options, deadline)
+                    .await
             })
             .await?;
         let model = Some(convert::version(&answer.model));

@@ -342,7 +342,9 @@ pub(super) fn model_status(m: ModelState) -> ModelStatus {
         precision: info.as_ref().map(|i| i.precision.clone()),
         precision_trial: m.precision_trial.map(Into::into),
         ready: m.state == ModelLoad::Ready,
-        memory_mb: m.memory_bytes.map(|b| (b as f64 / 1_048_576.0).round() as u64),
+        memory_mb: m
+            .memory_bytes
+            .map(|b| (b as f64 / 1_048_576.0).round() as u64),
         settings: (&m.settings).into(),
         batching: BatchingJson {
             max_batch_size: b.max_batch_size,

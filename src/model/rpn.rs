@@ -111,11 +111,12 @@ fn filter_proposals(
     let mut offset = 0;
     for (level, &n) in counts.iter().enumerate() {
         // Top-k on the logits of one level, kept 2-D like torchvision's batched call.
-        let (_, idx) =
-            logits
-                .narrow(0, offset, n)
-                .unsqueeze(0)
-                .topk(params.rpn_pre_nms_top_n_test.min(n), 1, true, true);
+        let (_, idx) = logits.narrow(0, offset, n).unsqueeze(0).topk(
+            params.rpn_pre_nms_top_n_test.min(n),
+            1,
+            true,
+            true,
+        );
         let idx = idx.squeeze_dim(0) + offset;
         levels.push(Tensor::full(
             [idx.size()[0]],

@@ -24,13 +24,13 @@ use crate::model::autotune::Decision;
 use crate::model::transform::SizeError;
 use crate::model::{Detection, ModelError, Named, Precision, Prediction};
 
+pub use crate::model::Task;
 pub use admission::{Admission, InFlight};
 pub use decoding::Decoding;
 pub use engines::{
     start_classifier, start_detector, trial_images, tune_classifier, tune_detector, ClassifierSpec,
     ClassifyInput, DetectInput, DetectorSpec,
 };
-pub use crate::model::Task;
 pub use params::{ClassifyOptions, DetectOptions, DEFAULT_TOP_K, MAX_TOP_K};
 pub use registry::{
     LoadContext, LoadError, Loaded, ModelState, Registry, Started, Starting, State, Version,

@@ -159,7 +159,10 @@ pub struct LoadContext {
 }
 
 /// A model's name and the channel that answers when its first version is warm.
-pub type Started = (String, tokio::sync::oneshot::Receiver<Result<(), ModelError>>);
+pub type Started = (
+    String,
+    tokio::sync::oneshot::Receiver<Result<(), ModelError>>,
+);
 
 /// A version started on its worker: ready once `started` answers.
 pub struct Starting {
@@ -248,10 +251,7 @@ impl Registry {
     pub fn list(&self) -> Vec<ModelState> {
         let draining = self.draining();
         let slots = self.read();
-        let mut out: Vec<ModelState> = slots
-            .iter()
-            .map(|s| slot_state(s, &draining))
-            .collect();
+        let mut out: Vec<ModelState> = slots.iter().map(|s| slot_state(s, &draining)).collect();
         for v in draining
             .iter()
             .filter(|v| !slots.iter().any(|s| s.name == v.settings.name))
@@ -384,8 +384,9 @@ impl Registry {
             Ok((version, worker)) => {
                 lock(&self.workers).push(worker);
                 self.promote(&name, version);
-                self.state_of(&name)
-                    .ok_or_else(|| LoadError::Conflict(format!("model {name:?} was deleted while it loaded")))
+                self.state_of(&name).ok_or_else(|| {
+                    LoadError::Conflict(format!("model {name:?} was deleted while it loaded"))
+                })
             }
             Err(e) => {
                 self.fail(&name, number, &e);
@@ -509,9 +510,7 @@ impl Registry {
             }
         }
         let device = device::resolve(settings.device).map_err(|e| failed(e.to_string()))?;
-        let warmup_images = ctx
-            .warmup_images
-            .unwrap_or(settings.batch.max_batch_size);
+        let warmup_images = ctx.warmup_images.unwrap_or(settings.batch.max_batch_size);
         let batch = settings.batch;
         let (model, started, worker) = match task {
             Task::Detect => {
@@ -547,9 +546,8 @@ impl Registry {
                     cache_dir: ctx.cache_dir.clone(),
                     min_agreement: ctx.min_agreement,
                 };
-                let (served, started, worker) =
-                    start_classifier(spec, batch, ctx.metrics.clone())
-                        .map_err(|e| failed(format!("{e:#}")))?;
+                let (served, started, worker) = start_classifier(spec, batch, ctx.metrics.clone())
+                    .map_err(|e| failed(format!("{e:#}")))?;
                 let preset = settings.preset;
                 (Loaded::Classifier { served, preset }, started, worker)
             }
@@ -574,7 +572,11 @@ impl Registry {
     /// With `--max-memory-mb`, refuses a load whose expected cost would pass the bound: what
     /// this name's serving version measured, else twice the checkpoint's size (its weights,
     /// and as much again for a warm-up's activations).
-    fn check_memory_before(&self, settings: &ModelSettings, weights: &Path) -> Result<(), LoadError> {
+    fn check_memory_before(
+        &self,
+        settings: &ModelSettings,
+        weights: &Path,
+    ) -> Result<(), LoadError> {
         let Some(max) = self.context.max_memory else {
             return Ok(());
         };

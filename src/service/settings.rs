@@ -118,10 +118,7 @@ fn parse<T: std::str::FromStr>(value: &str) -> Result<T, String>
 where
     T::Err: std::fmt::Display,
 {
-    value
-        .trim()
-        .parse()
-        .map_err(|e| format!("{value:?}: {e}"))
+    value.trim().parse().map_err(|e| format!("{value:?}: {e}"))
 }
 
 fn in_range<T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy>(
@@ -208,7 +205,10 @@ impl ModelSettings {
             settings.set(&key, &value).map_err(|r| error(&key, r))?;
         }
         if settings.source.is_empty() {
-            return Err(error("source", "missing: a file, published name or URL".into()));
+            return Err(error(
+                "source",
+                "missing: a file, published name or URL".into(),
+            ));
         }
         Ok(settings)
     }
@@ -219,9 +219,9 @@ impl ModelSettings {
         match key {
             "source" => self.source = value.trim().into(),
             "sha256" => {
-                self.sha256 = Some(crate::weights::hub::parse_sha256(value.trim()).map_err(
-                    |e| e.to_string(),
-                )?)
+                self.sha256 = Some(
+                    crate::weights::hub::parse_sha256(value.trim()).map_err(|e| e.to_string())?,
+                )
             }
             "task" => self.task = Some(named(value)?),
             "default" => self.default = parse(value)?,
@@ -242,9 +242,7 @@ impl ModelSettings {
             "box_nms_thresh" => p.box_nms_thresh = unit(value)?,
             "box_detections_per_img" => p.box_detections_per_img = in_range(value, 1, 10_000)?,
             "rpn_pre_nms_top_n_test" => p.rpn_pre_nms_top_n_test = in_range(value, 1, 100_000)?,
-            "rpn_post_nms_top_n_test" => {
-                p.rpn_post_nms_top_n_test = in_range(value, 1, 100_000)?
-            }
+            "rpn_post_nms_top_n_test" => p.rpn_post_nms_top_n_test = in_range(value, 1, 100_000)?,
             "rpn_nms_thresh" => p.rpn_nms_thresh = unit(value)?,
             _ => return Err(format!("unknown key (known: {})", KEYS.join(", "))),
         }
@@ -294,10 +292,7 @@ pub fn scalar_text(value: &serde_json::Value) -> Result<String, String> {
 }
 
 /// A `--config` file: `[[model]]` tables, each with its `name` and the keys of `set`.
-pub fn from_config(
-    text: &str,
-    defaults: &SettingsDefaults,
-) -> Result<Vec<ModelSettings>, String> {
+pub fn from_config(text: &str, defaults: &SettingsDefaults) -> Result<Vec<ModelSettings>, String> {
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
     let mut out = Vec::new();
     for (key, value) in table {
@@ -307,7 +302,9 @@ pub fn from_config(
             ));
         };
         if key != "model" {
-            return Err(format!("unknown table [[{key}]] (the file holds [[model]] tables)"));
+            return Err(format!(
+                "unknown table [[{key}]] (the file holds [[model]] tables)"
+            ));
         }
         for (i, model) in models.into_iter().enumerate() {
             out.push(model_table(i, model, defaults)?);
@@ -423,8 +420,11 @@ mod tests {
         assert_eq!(all[0].detector.box_score_thresh, 0.3);
         assert!(all[0].default);
         assert_eq!(all[1].batch.max_batch_size, 8);
-        let e = from_config("[[model]]\nname = \"p\"\nsource = \"/x\"\nmin_sise = 3\n", &defaults())
-            .expect_err("unknown key");
+        let e = from_config(
+            "[[model]]\nname = \"p\"\nsource = \"/x\"\nmin_sise = 3\n",
+            &defaults(),
+        )
+        .expect_err("unknown key");
         assert!(e.contains("\"p\"") && e.contains("min_sise"), "{e}");
         assert!(from_config("[[modle]]\nname = \"p\"\n", &defaults()).is_err());
         assert!(from_config("[[model]]\nsource = \"/x\"\n", &defaults()).is_err());
