@@ -4,7 +4,8 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::labels::{NamedDetection, NamedPrediction};
-use crate::service::ModelInfo;
+use crate::service::settings::SettingsJson;
+use crate::service::{ModelInfo, State};
 
 #[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct DetectionJson {
@@ -89,20 +90,49 @@ pub struct BatchingJson {
     pub max_queue: usize,
 }
 
+/// One model by name: its serving version, a load beside it, and older versions draining.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ModelStatus {
     pub name: String,
-    /// The route that reaches it.
-    pub endpoint: String,
-    pub arch: String,
-    pub classes: i64,
-    pub device: String,
-    pub precision: String,
+    /// The serving version (none until the name's first load is done).
+    pub version: Option<u64>,
+    /// `detect` or `classify` (none until known from the checkpoint).
+    pub task: Option<String>,
+    /// loading, ready, draining (deleted, answering what it accepted) or failed.
+    pub state: State,
+    /// Why the last load failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Answers `/detect` (or `/classify`) without `?model=`.
+    pub default: bool,
+    /// The route that reaches it by name.
+    pub endpoint: Option<String>,
+    pub arch: Option<String>,
+    pub classes: Option<i64>,
+    pub device: Option<String>,
+    pub precision: Option<String>,
     /// With `--precision auto`, once warm: what the trial measured and chose.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub precision_trial: Option<PrecisionTrialJson>,
     pub ready: bool,
+    /// Resident memory the serving version's load and warm-up took (MiB).
+    pub memory_mb: Option<u64>,
+    /// Every setting of the version, as the `[[model]]` keys name them.
+    pub settings: SettingsJson,
     pub batching: BatchingJson,
+    /// A version loading beside the serving one, or the last load's failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<NextVersionJson>,
+    /// Older versions still answering requests they accepted.
+    pub draining: Vec<u64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NextVersionJson {
+    pub version: u64,
+    pub state: State,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -8,6 +8,7 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use crate::http::input::{self, ClassifyParams, DetectParams};
 use crate::imaging;
 use crate::labels::Labels;
+use crate::model::transform::DetectorResize;
 use crate::model::Preset;
 use crate::service::{ClassifyInput, DetectInput};
 
@@ -25,7 +26,11 @@ pub fn image(bytes: &[u8]) {
     let Ok(img) = imaging::decode(bytes, MAX_PIXELS) else {
         return;
     };
-    let _ = DetectInput::new(&img, 0.05);
+    let _ = DetectInput::new(
+        &img,
+        DetectorResize::default(),
+        crate::model::detector::BOX_SCORE_THRESH,
+    );
     let _ = ClassifyInput::new(&img, Preset::V2, 5);
 }
 

@@ -23,13 +23,17 @@ const LATENCY_BUCKETS: [f64; 16] = [
 ];
 const BATCH_BUCKETS: [f64; 8] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 
-fn histogram(name: &str, help: &str, label: &str, buckets: &[f64]) -> HistogramVec {
+fn histogram(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
     HistogramVec::new(
         HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-        &[label],
+        labels,
     )
     .expect("valid histogram")
 }
+
+/// The labels of every per-model series: the model's name and its version, so a swap shows as
+/// a new series beside the old one's.
+pub const MODEL_LABELS: [&str; 2] = ["model", "version"];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -46,40 +50,43 @@ impl Metrics {
             request_duration: histogram(
                 "detectd_request_duration_seconds",
                 "HTTP request latency",
-                "endpoint",
+                &["endpoint"],
                 &LATENCY_BUCKETS,
             ),
             queue_duration: histogram(
                 "detectd_queue_duration_seconds",
                 "Time a request waited for its batch",
-                "model",
+                &MODEL_LABELS,
                 &LATENCY_BUCKETS,
             ),
             inference_duration: histogram(
                 "detectd_inference_duration_seconds",
                 "Model time per batch",
-                "model",
+                &MODEL_LABELS,
                 &LATENCY_BUCKETS,
             ),
             batch_size: histogram(
                 "detectd_batch_size",
                 "Images per batch",
-                "model",
+                &MODEL_LABELS,
                 &BATCH_BUCKETS,
             ),
             queue_depth: IntGaugeVec::new(
                 Opts::new("detectd_queue_depth", "Images waiting for a batch"),
-                &["model"],
+                &MODEL_LABELS,
             )
             .expect("valid gauge"),
             images: IntCounterVec::new(
                 Opts::new("detectd_images_total", "Images run through the model"),
-                &["model"],
+                &MODEL_LABELS,
             )
             .expect("valid counter"),
             model_info: IntGaugeVec::new(
-                Opts::new("detectd_model_info", "Loaded models (value 1)"),
-                &["model", "arch", "device", "precision"],
+                Opts::new(
+                    "detectd_model_info",
+                    "Loaded model versions (value 1; a replaced version's series goes when it is freed)",
+                ),
+                &["model", "version", "arch", "device", "precision"],
             )
             .expect("valid gauge"),
             open_connections: IntGauge::new(

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use detectd::model::detector::{DetectorConfig, Trace};
+use detectd::model::detector::{DetectorConfig, DetectorParams, Trace};
 use detectd::model::transform::prepare_detector;
 use detectd::model::{ArchChoice, DetectRequest, Detection, FasterRcnn};
 use tch::{Device, Kind, Tensor};
@@ -18,6 +18,14 @@ const IMAGES: [&str; 4] = [
 ];
 
 fn model(arch: &str, extra: &[&str]) -> (FasterRcnn, std::path::PathBuf) {
+    model_with(arch, extra, DetectorParams::default())
+}
+
+fn model_with(
+    arch: &str,
+    extra: &[&str],
+    params: DetectorParams,
+) -> (FasterRcnn, std::path::PathBuf) {
     let weights = data_dir().join(format!("det_{arch}.pth"));
     let mut args = vec![
         "make-detector",
@@ -35,6 +43,7 @@ fn model(arch: &str, extra: &[&str]) -> (FasterRcnn, std::path::PathBuf) {
         frozen_bn_eps: None,
         device: Device::Cpu,
         compute: fp32(),
+        params,
     };
     (
         FasterRcnn::load(&weights, &config).expect("load detector"),
@@ -48,7 +57,9 @@ fn reference(
     images: &[std::path::PathBuf],
     extra: &[&str],
 ) -> std::collections::HashMap<String, Tensor> {
-    let out = data_dir().join(format!("ref_det_{arch}.safetensors"));
+    // One reference file per set of arguments.
+    let tag: String = extra.concat().replace(['-', '.'], "");
+    let out = data_dir().join(format!("ref_det_{arch}{tag}.safetensors"));
     let w = path_str(weights);
     let mut args = vec![
         "ref-detector",
@@ -107,14 +118,23 @@ fn check_image(
 }
 
 fn parity(arch: &str, extra: &[&str]) {
+    parity_with(arch, extra, DetectorParams::default(), &[]);
+}
+
+/// `params` for detectd, `knobs` (the same values) for torchvision's constructor.
+fn parity_with(arch: &str, extra: &[&str], params: DetectorParams, knobs: &[&str]) {
     let images = images(&IMAGES);
-    let (model, weights) = model(arch, extra);
-    let refs = reference(arch, &weights, &images, extra);
+    let (model, weights) = model_with(arch, extra, params);
+    let ref_args: Vec<&str> = extra.iter().chain(knobs).copied().collect();
+    let refs = reference(arch, &weights, &images, &ref_args);
     for (i, path) in images.iter().enumerate() {
-        let prepared = prepare_detector(&decode_file(path)).expect("prepare");
+        let prepared = params
+            .resize()
+            .prepare(&decode_file(path))
+            .expect("prepare");
         let request = DetectRequest {
             image: &prepared,
-            score_threshold: 0.05,
+            score_threshold: params.box_score_thresh,
         };
         let mut out = model.detect_traced(&[request], true).expect("detect");
         let (dets, trace) = out.remove(0);
@@ -136,6 +156,43 @@ fn v1_frozen_bn_eps0_matches_torchvision() {
 #[test]
 fn v2_matches_torchvision() {
     parity("v2", &[]);
+}
+
+/// A model built with other constructor arguments (detectd's per-model keys) answers what
+/// torchvision built with the same arguments answers: another resize, NMS thresholds and
+/// top-n counts, score threshold and detections per image.
+#[test]
+fn constructor_arguments_match_torchvision_built_with_them() {
+    let params = DetectorParams {
+        min_size: 600,
+        max_size: 1000,
+        rpn_pre_nms_top_n_test: 500,
+        rpn_post_nms_top_n_test: 300,
+        rpn_nms_thresh: 0.6,
+        box_score_thresh: 0.02,
+        box_nms_thresh: 0.3,
+        box_detections_per_img: 60,
+    };
+    let knobs = [
+        "--min-size",
+        "600",
+        "--max-size",
+        "1000",
+        "--rpn-pre-nms-top-n-test",
+        "500",
+        "--rpn-post-nms-top-n-test",
+        "300",
+        "--rpn-nms-thresh",
+        "0.6",
+        "--box-score-thresh",
+        "0.02",
+        "--box-nms-thresh",
+        "0.3",
+        "--box-detections-per-img",
+        "60",
+    ];
+    parity_with("v1", &["--frozen-eps", "0.0"], params, &knobs);
+    parity_with("v2", &[], params, &knobs);
 }
 
 /// Each image's result in a batch of mixed sizes equals its single-image result; two of

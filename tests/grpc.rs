@@ -147,6 +147,7 @@ fn every_rpc_answers_as_the_http_api_does() {
                 score_threshold: 1e-9,
                 max_detections: 2,
                 labels: vec![label.clone()],
+                ..Default::default()
             })
             .await
             .expect("Detect with options")
@@ -172,6 +173,7 @@ fn every_rpc_answers_as_the_http_api_does() {
             .classify(pb::ClassifyRequest {
                 image: bytes(&imgs[1]),
                 top_k: 3,
+                ..Default::default()
             })
             .await
             .expect("Classify")
@@ -188,6 +190,7 @@ fn every_rpc_answers_as_the_http_api_does() {
             .classify_batch(pb::ClassifyBatchRequest {
                 images: vec![bytes(&imgs[1]), bytes(&imgs[0])],
                 top_k: 0,
+                ..Default::default()
             })
             .await
             .expect("ClassifyBatch")
@@ -324,6 +327,7 @@ fn bad_input_missing_models_and_full_queues_have_their_codes() {
         let classify = pb::ClassifyRequest {
             image: image.clone(),
             top_k: 1,
+            ..Default::default()
         };
         assert_eq!(code_of(c.classify(classify).await), Code::NotFound);
 
@@ -374,6 +378,7 @@ fn deadlines_and_the_api_key_have_their_codes() {
             let mut r = Request::new(pb::ClassifyRequest {
                 image: bytes(&imgs[0]),
                 top_k: 1,
+                ..Default::default()
             });
             if let Some(k) = key {
                 let value = format!("Bearer {k}").parse().expect("metadata value");
@@ -417,9 +422,14 @@ fn a_drain_turns_health_off_refuses_new_calls_and_finishes_running_ones() {
             .map(|_| {
                 let mut c = c.clone();
                 let image = bytes(&imgs[0]);
-                tokio::spawn(
-                    async move { c.classify(pb::ClassifyRequest { image, top_k: 1 }).await },
-                )
+                tokio::spawn(async move {
+                    c.classify(pb::ClassifyRequest {
+                        image,
+                        top_k: 1,
+                        ..Default::default()
+                    })
+                    .await
+                })
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -435,6 +445,7 @@ fn a_drain_turns_health_off_refuses_new_calls_and_finishes_running_ones() {
             .classify(pb::ClassifyRequest {
                 image: bytes(&imgs[0]),
                 top_k: 1,
+                ..Default::default()
             })
             .await;
         assert_eq!(code_of(late), Code::Unavailable);
@@ -467,6 +478,7 @@ fn calls_before_the_model_is_ready_are_unavailable() {
             .classify(pb::ClassifyRequest {
                 image: bytes(&imgs[0]),
                 top_k: 1,
+                ..Default::default()
             })
             .await;
         assert_eq!(code_of(early), Code::Unavailable);

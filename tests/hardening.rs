@@ -164,13 +164,16 @@ fn a_job_stops_between_images_once_its_client_has_gone() {
         504,
         "timeout",
     );
-    let finished = "detectd_inference_duration_seconds_count{model=\"detector\"} ";
+    let finished = "detectd_inference_duration_seconds_count{model=\"detector\",version=\"1\"} ";
     let until = Instant::now() + Duration::from_secs(120);
     while metric(&server, finished) < 1.0 {
         assert!(Instant::now() < until, "the job never ended");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let ran = metric(&server, "detectd_images_total{model=\"detector\"} ");
+    let ran = metric(
+        &server,
+        "detectd_images_total{model=\"detector\",version=\"1\"} ",
+    );
     eprintln!("{ran} of 16 images ran");
     assert!((1.0..=8.0).contains(&ran), "{ran} of 16 images ran");
     // Sixteen images resized to 800x1066 in f32 are ~160 MB; one forward pass ~600 MB.

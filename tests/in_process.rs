@@ -12,12 +12,15 @@ use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use base64::Engine as _;
 use common::png_of;
-use detectd::batch::{BatchConfig, Batcher, Engine};
+use detectd::batch::{BatchConfig, Batcher, Engine, ModelLabels};
 use detectd::http::{router, AppState, BodyLimits};
 use detectd::labels::Labels;
 use detectd::metrics::Metrics;
-use detectd::model::{Detection, ModelError, Preset};
-use detectd::service::{Decoding, DetectInput, Limits, ModelInfo, Served, Service};
+use detectd::model::{Detection, ModelError};
+use detectd::service::{
+    Decoding, DetectInput, Limits, LoadContext, Loaded, ModelInfo, ModelSettings, Registry, Served,
+    Service, SettingsDefaults,
+};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -44,6 +47,7 @@ struct Setup {
     max_body: usize,
     max_inflight: usize,
     body_timeout: Duration,
+    admin_key: Option<String>,
 }
 
 impl Default for Setup {
@@ -54,6 +58,7 @@ impl Default for Setup {
             max_body: 1 << 20,
             max_inflight: 8 << 20,
             body_timeout: Duration::from_secs(5),
+            admin_key: None,
         }
     }
 }
@@ -65,20 +70,35 @@ fn app(s: Setup) -> Router {
         max_batch_delay: Duration::from_millis(1),
         max_queue: s.max_queue,
     };
-    let (batcher, started, _worker) =
-        Batcher::spawn("detector", batch, metrics.clone(), || Ok(FakeDetector));
-    assert!(started.blocking_recv().expect("started").is_ok());
-    let info = ModelInfo {
-        name: "detector".into(),
-        arch: "fake".into(),
-        device: "cpu".into(),
-        precision: "fp32".into(),
-        num_classes: 91,
-    };
+    let registry = Registry::new(LoadContext {
+        cache_dir: std::env::temp_dir(),
+        warmup_images: None,
+        min_agreement: 0.95,
+        metrics: metrics.clone(),
+        max_memory: None,
+        defaults: SettingsDefaults::default(),
+    });
+    // Two fake detectors: `detector` (the default) and `other`.
+    for name in ["detector", "other"] {
+        let labels = ModelLabels::new(name, 1);
+        let (batcher, started, _worker) =
+            Batcher::spawn(labels, batch, metrics.clone(), || Ok(FakeDetector));
+        assert!(started.blocking_recv().expect("started").is_ok());
+        let info = ModelInfo {
+            name: name.into(),
+            version: 1,
+            arch: "fake".into(),
+            device: "cpu".into(),
+            precision: "fp32".into(),
+            num_classes: 91,
+        };
+        let served = Served::new(batcher, info, Labels::coco());
+        let settings = ModelSettings::new(name, "fake", &SettingsDefaults::default());
+        let params = Default::default();
+        registry.insert(settings, Loaded::Detector { served, params });
+    }
     let service = Service {
-        detector: Some(Served::new(batcher, info, Labels::coco())),
-        classifier: None,
-        classifier_preset: Preset::V2,
+        registry: Arc::new(registry),
         metrics,
         limits: Limits {
             max_pixels: 50_000_000,
@@ -89,7 +109,8 @@ fn app(s: Setup) -> Router {
         admission: Default::default(),
     };
     let body = BodyLimits::new(s.max_body, s.max_images, s.body_timeout, s.max_inflight);
-    router(Arc::new(AppState::new(Arc::new(service), None, body)), &[])
+    let state = AppState::new(Arc::new(service), None, s.admin_key, body);
+    router(Arc::new(state), &[])
 }
 
 fn post(path: &str, content_type: &str, body: impl Into<Body>) -> Request<Body> {
@@ -158,6 +179,7 @@ fn limits_answer_with_their_status_and_code() {
         max_body: 100_000,
         max_inflight: 50_000,
         body_timeout: Duration::from_millis(200),
+        admin_key: None,
     });
     let small = png_of(8, 8);
     runtime().block_on(async {
@@ -223,5 +245,128 @@ fn limits_answer_with_their_status_and_code() {
         // Nothing was left held: a normal request still goes through.
         let (status, body) = send(&app, post("/detect", "image/png", small.clone())).await;
         assert_eq!(status, 200, "{body}");
+    });
+}
+
+#[test]
+fn models_are_reached_by_name_and_an_unknown_one_is_404() {
+    let app = app(Setup::default());
+    runtime().block_on(async {
+        let (status, body) = send(
+            &app,
+            post("/v1/models/other/detect", "image/png", png_of(8, 8)),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            (
+                body["model"]["name"].as_str(),
+                body["model"]["version"].as_u64()
+            ),
+            (Some("other"), Some(1))
+        );
+        let (status, body) =
+            send(&app, post("/detect?model=other", "image/png", png_of(8, 8))).await;
+        assert_eq!(
+            (status.as_u16(), body["model"]["name"].as_str()),
+            (200, Some("other")),
+            "{body}"
+        );
+        let (_, body) = send(&app, post("/detect", "image/png", png_of(8, 8))).await;
+        assert_eq!(
+            body["model"]["name"], "detector",
+            "the first is the default"
+        );
+        for path in [
+            "/v1/models/nope/detect",
+            "/detect?model=nope",
+            "/v1/models/detector/classify",
+        ] {
+            let (status, body) = send(&app, post(path, "image/png", png_of(8, 8))).await;
+            assert_eq!(
+                (status.as_u16(), body["code"].as_str()),
+                (404, Some("model_not_found")),
+                "{path}: {body}"
+            );
+        }
+        let listed = app
+            .clone()
+            .oneshot(
+                Request::get("/v1/models")
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("response");
+        let listed: Value =
+            serde_json::from_slice(&listed.into_body().collect().await.expect("body").to_bytes())
+                .expect("json");
+        let names: Vec<&str> = listed["models"]
+            .as_array()
+            .expect("models")
+            .iter()
+            .filter_map(|m| m["name"].as_str())
+            .collect();
+        assert_eq!(names, ["detector", "other"]);
+        assert_eq!(listed["models"][1]["state"], "ready");
+        assert_eq!(listed["models"][1]["settings"]["box_nms_thresh"], 0.5);
+    });
+}
+
+#[test]
+fn the_admin_api_needs_its_key_and_is_absent_without_one() {
+    let put = |key: Option<&str>| {
+        let mut r =
+            Request::put("/v1/models/other").header(header::CONTENT_TYPE, "application/json");
+        if let Some(k) = key {
+            r = r.header(header::AUTHORIZATION, format!("Bearer {k}"));
+        }
+        r.body(Body::from(r#"{"source": "/nowhere.pth"}"#))
+            .expect("request")
+    };
+    let delete = |key: &str| {
+        Request::delete("/v1/models/other")
+            .header(header::AUTHORIZATION, format!("Bearer {key}"))
+            .body(Body::empty())
+            .expect("request")
+    };
+    let without = app(Setup::default());
+    let with = app(Setup {
+        admin_key: Some("sesame".into()),
+        ..Setup::default()
+    });
+    runtime().block_on(async {
+        let (status, _) = send(&without, put(Some("k"))).await;
+        assert_eq!(status, 404, "no admin routes without --admin-key");
+        let (status, _) = send(&without, delete("k")).await;
+        assert_eq!(status, 404);
+        for key in [None, Some("wrong")] {
+            let (status, body) = send(&with, put(key)).await;
+            assert_eq!(
+                (status.as_u16(), body["code"].as_str()),
+                (401, Some("unauthorized")),
+                "{key:?}"
+            );
+        }
+        let (status, body) = send(&with, put(Some("sesame"))).await;
+        assert_eq!(
+            (status.as_u16(), body["code"].as_str()),
+            (422, Some("load_failed")),
+            "{body}"
+        );
+        let (status, _) = send(&with, delete("sesame")).await;
+        assert_eq!(status, 204);
+        let (status, body) = send(
+            &with,
+            post("/v1/models/other/detect", "image/png", png_of(8, 8)),
+        )
+        .await;
+        assert_eq!(
+            (status.as_u16(), body["code"].as_str()),
+            (404, Some("model_not_found")),
+            "{body}"
+        );
+        let (status, _) = send(&with, delete("sesame")).await;
+        assert_eq!(status, 404, "deleted twice");
     });
 }

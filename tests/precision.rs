@@ -42,6 +42,7 @@ fn detector(arch: &str, precision: Precision) -> FasterRcnn {
         frozen_bn_eps: None,
         device: Device::Cpu,
         compute,
+        params: Default::default(),
     };
     FasterRcnn::load(&weights, &config).expect("load detector")
 }

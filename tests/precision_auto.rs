@@ -73,7 +73,7 @@ fn chosen(server: &Server) -> (String, String) {
     let trial = &m["precision_trial"];
     assert_eq!(m["precision"], trial["chosen"], "{m}");
     let metric = format!(
-        "detectd_model_info{{arch=\"resnet50 (preset v2)\",device=\"cpu\",model=\"classifier\",precision={}}} 1",
+        "detectd_model_info{{arch=\"resnet50 (preset v2)\",device=\"cpu\",model=\"classifier\",precision={},version=\"1\"}} 1",
         m["precision"]
     );
     assert!(
@@ -256,6 +256,7 @@ fn compare_prints_what_torchvision_fp32_against_detectd_bf16_gives() {
         frozen_bn_eps: None,
         device: Device::Cpu,
         compute: resolve_precision(Precision::Bf16, Device::Cpu).1,
+        params: Default::default(),
     };
     let bf16 = FasterRcnn::load(&weights, &config).expect("load bf16");
     let (mut matched, mut total, mut box_drift, mut score_drift) = (0, 0, 0f32, 0f32);

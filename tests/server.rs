@@ -266,7 +266,7 @@ fn concurrent_requests_are_batched_and_keep_their_own_results() {
     let (count, le1) = histogram_count_and_le1(
         &server.metrics(),
         "detectd_batch_size",
-        "model=\"classifier\"",
+        "model=\"classifier\",version=\"1\"",
     );
     assert!(
         count > le1,
@@ -535,7 +535,7 @@ fn a_short_request_timeout_gives_504_and_skips_expired_work() {
     let metrics = server.metrics();
     let ran: f64 = metrics
         .lines()
-        .find(|l| l.starts_with("detectd_images_total{model=\"detector\"}"))
+        .find(|l| l.starts_with("detectd_images_total{model=\"detector\",version=\"1\"}"))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .unwrap_or(0.0);
     assert!(
@@ -676,12 +676,12 @@ fn metrics_expose_every_named_series() {
     for series in [
         "detectd_requests_total{endpoint=\"/classify\",status=\"200\"} 1",
         "detectd_request_duration_seconds_bucket{endpoint=\"/classify\"",
-        "detectd_queue_duration_seconds_bucket{model=\"classifier\"",
-        "detectd_inference_duration_seconds_bucket{model=\"classifier\"",
-        "detectd_batch_size_bucket{model=\"classifier\"",
-        "detectd_queue_depth{model=\"classifier\"} 0",
-        "detectd_images_total{model=\"classifier\"} 1",
-        "detectd_model_info{arch=\"resnet50 (preset v2)\",device=\"cpu\",model=\"classifier\",precision=\"fp32\"} 1",
+        "detectd_queue_duration_seconds_bucket{model=\"classifier\",version=\"1\"",
+        "detectd_inference_duration_seconds_bucket{model=\"classifier\",version=\"1\"",
+        "detectd_batch_size_bucket{model=\"classifier\",version=\"1\"",
+        "detectd_queue_depth{model=\"classifier\",version=\"1\"} 0",
+        "detectd_images_total{model=\"classifier\",version=\"1\"} 1",
+        "detectd_model_info{arch=\"resnet50 (preset v2)\",device=\"cpu\",model=\"classifier\",precision=\"fp32\",version=\"1\"} 1",
     ] {
         assert!(m.contains(series), "missing {series} in:\n{m}");
     }

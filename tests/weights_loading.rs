@@ -43,6 +43,7 @@ fn load(path: &Path) -> Result<FasterRcnn, String> {
         frozen_bn_eps: None,
         device: Device::Cpu,
         compute: fp32(),
+        params: Default::default(),
     };
     FasterRcnn::load(path, &config).map_err(|e| e.to_string())
 }
@@ -161,6 +162,7 @@ fn wrong_files_name_what_does_not_fit() {
         frozen_bn_eps: None,
         device: Device::Cpu,
         compute: fp32(),
+        params: Default::default(),
     };
     let err = FasterRcnn::load(&v1("pth", &[]), &config)
         .err()

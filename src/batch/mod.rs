@@ -36,7 +36,27 @@ pub trait Engine: 'static {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+/// Which model version a queue serves, as its metrics and logs name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelLabels {
+    pub model: String,
+    pub version: String,
+}
+
+impl ModelLabels {
+    pub fn new(model: &str, version: u64) -> Self {
+        Self {
+            model: model.into(),
+            version: version.to_string(),
+        }
+    }
+
+    pub fn values(&self) -> [&str; 2] {
+        [&self.model, &self.version]
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BatchConfig {
     pub max_batch_size: usize,
     pub max_batch_delay: Duration,
@@ -96,7 +116,7 @@ struct Job<I, O> {
 /// The submitting side of one model's queue. Dropping every clone stops the worker once the
 /// queue is empty: that is the drain.
 pub struct Batcher<I, O> {
-    name: String,
+    labels: ModelLabels,
     tx: Sender<Job<I, O>>,
     depth: Arc<AtomicUsize>,
     ready: Arc<AtomicBool>,
@@ -109,7 +129,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// warming up belong there, on the thread that will own the model), then serves.
     /// `started` receives the outcome of `load`.
     pub fn spawn<E, L>(
-        name: &str,
+        labels: ModelLabels,
         config: BatchConfig,
         metrics: Arc<Metrics>,
         load: L,
@@ -124,8 +144,9 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     {
         let (tx, rx) = mpsc::channel();
         let (started_tx, started_rx) = oneshot::channel();
+        let thread = format!("{}-v{}", labels.model, labels.version);
         let batcher = Self {
-            name: name.to_owned(),
+            labels: labels.clone(),
             tx,
             depth: Arc::default(),
             ready: Arc::default(),
@@ -133,7 +154,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             metrics,
         };
         let worker = Worker {
-            name: name.to_owned(),
+            labels,
             rx,
             depth: batcher.depth.clone(),
             config,
@@ -143,7 +164,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         };
         let ready = batcher.ready.clone();
         let handle = std::thread::Builder::new()
-            .name(format!("{name}-worker"))
+            .name(thread)
             .spawn(move || match load() {
                 Ok(engine) => {
                     ready.store(true, Ordering::SeqCst);
@@ -158,8 +179,8 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         (batcher, started_rx, handle)
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
+    pub fn labels(&self) -> &ModelLabels {
+        &self.labels
     }
 
     pub fn config(&self) -> BatchConfig {
@@ -189,7 +210,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         }
         self.metrics
             .queue_depth
-            .with_label_values(&[&self.name])
+            .with_label_values(&self.labels.values())
             .set((before + images) as i64);
         Ok(reservation)
     }
@@ -276,7 +297,7 @@ fn run_in_parts<E: Engine>(
 }
 
 struct Worker<I, O> {
-    name: String,
+    labels: ModelLabels,
     rx: Receiver<Job<I, O>>,
     depth: Arc<AtomicUsize>,
     config: BatchConfig,
@@ -295,7 +316,7 @@ impl<I, O> Worker<I, O> {
         while let Some(batch) = self.next_batch() {
             self.run(&mut engine, batch);
         }
-        tracing::info!(model = %self.name, "queue drained, worker stopped");
+        tracing::info!(model = %self.labels.model, version = %self.labels.version, "queue drained, worker stopped");
     }
 
     /// Blocks for the next job; after a quiet second, first returns the freed memory of the
@@ -345,7 +366,7 @@ impl<I, O> Worker<I, O> {
         let left = self.depth.fetch_sub(queued, Ordering::SeqCst) - queued;
         self.metrics
             .queue_depth
-            .with_label_values(&[&self.name])
+            .with_label_values(&self.labels.values())
             .set(left as i64);
         // A caller that timed out or disconnected has dropped its receiver: skip its images.
         let live: Vec<Job<I, O>> = batch
@@ -362,14 +383,14 @@ impl<I, O> Worker<I, O> {
             let waited = now - job.enqueued;
             self.metrics
                 .queue_duration
-                .with_label_values(&[&self.name])
+                .with_label_values(&self.labels.values())
                 .observe(waited.as_secs_f64());
             sizes.push(job.inputs.len());
             inputs.extend(job.inputs);
             replies.push((job.reply, waited, job.span, job.deadline));
         }
         let n = inputs.len();
-        let span = tracing::info_span!("batch", model = %self.name, images = n);
+        let span = tracing::info_span!("batch", model = %self.labels.model, version = %self.labels.version, images = n);
         // Only a batch of one job can hold more than a run takes (batches are gathered up to
         // the run size): it is wanted for as long as that job's caller waits.
         let wanted = || {
@@ -381,15 +402,15 @@ impl<I, O> Worker<I, O> {
         let inference = now.elapsed();
         self.metrics
             .inference_duration
-            .with_label_values(&[&self.name])
+            .with_label_values(&self.labels.values())
             .observe(inference.as_secs_f64());
         self.metrics
             .batch_size
-            .with_label_values(&[&self.name])
+            .with_label_values(&self.labels.values())
             .observe(n as f64);
         self.metrics
             .images
-            .with_label_values(&[&self.name])
+            .with_label_values(&self.labels.values())
             .inc_by(ran as u64);
         Self::answer(result, sizes, replies, inference);
     }
@@ -445,8 +466,12 @@ mod tests {
             max_batch_delay: Duration::from_millis(20),
             max_queue,
         };
-        let (b, started, handle) =
-            Batcher::spawn("test", config, Arc::new(Metrics::new()), || Ok(Doubler));
+        let (b, started, handle) = Batcher::spawn(
+            ModelLabels::new("test", 1),
+            config,
+            Arc::new(Metrics::new()),
+            || Ok(Doubler),
+        );
         assert!(started.blocking_recv().expect("started").is_ok());
         (b, handle)
     }
@@ -513,8 +538,12 @@ mod tests {
             max_queue: 16,
         };
         let engine = OneByOne(runs.clone());
-        let (b, started, _handle) =
-            Batcher::spawn("one", config, Arc::new(Metrics::new()), move || Ok(engine));
+        let (b, started, _handle) = Batcher::spawn(
+            ModelLabels::new("one", 1),
+            config,
+            Arc::new(Metrics::new()),
+            move || Ok(engine),
+        );
         assert!(started.blocking_recv().expect("started").is_ok());
         let jobs = [vec![1], vec![2, 3], vec![4], vec![5]];
         let rxs: Vec<_> = jobs
@@ -560,10 +589,12 @@ mod tests {
             max_queue: 16,
         };
         let engine = OneByOne(runs.clone());
-        let (b, started, _handle) =
-            Batcher::spawn("parts", config, Arc::new(Metrics::new()), move || {
-                Ok(engine)
-            });
+        let (b, started, _handle) = Batcher::spawn(
+            ModelLabels::new("parts", 1),
+            config,
+            Arc::new(Metrics::new()),
+            move || Ok(engine),
+        );
         assert!(started.blocking_recv().expect("started").is_ok());
         // Whole when its caller waits: ten runs of one image.
         let rx = b.submit((0..10).collect(), far()).expect("submit");

@@ -12,6 +12,7 @@ use super::Runtime;
 use crate::model::autotune::MIN_AGREEMENT;
 use crate::model::classifier::CROP;
 use crate::model::detector::DetectorConfig;
+use crate::model::detector::BOX_SCORE_THRESH;
 use crate::model::layers::{record_ops, OpCall};
 use crate::model::transform::{prepare_classifier, prepare_detector};
 use crate::model::Named;
@@ -20,7 +21,6 @@ use crate::model::{
 };
 use crate::service::{
     tune_classifier, tune_detector, BatchConfig, ClassifierSpec, DetectorSpec, Tuned,
-    DEFAULT_SCORE_THRESHOLD,
 };
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -90,6 +90,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
                 frozen_bn_eps: None,
                 device,
                 compute,
+                params: Default::default(),
             };
             let model = FasterRcnn::load(&args.weights, &config)?;
             crate::alloc::tune_for_tensors();
@@ -98,7 +99,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
                     .iter()
                     .map(prepare_detector)
                     .collect::<Result<Vec<_>, _>>()?;
-                let requests = DetectRequest::each(&prepared, DEFAULT_SCORE_THRESHOLD);
+                let requests = DetectRequest::each(&prepared, BOX_SCORE_THRESH);
                 model.detect(&requests)?;
                 Ok(())
             })
@@ -164,6 +165,8 @@ fn auto(args: &BenchArgs, device: Device) -> anyhow::Result<Tuned> {
     let tuned = match args.model {
         BenchModel::Detector => tune_detector(
             DetectorSpec {
+                name: "detector".into(),
+                version: 1,
                 weights: args.weights.clone(),
                 arch: ArchChoice::Auto,
                 frozen_bn_eps: None,
@@ -173,11 +176,14 @@ fn auto(args: &BenchArgs, device: Device) -> anyhow::Result<Tuned> {
                 warmup_images: 0,
                 cache_dir: cache_dir.clone(),
                 min_agreement: MIN_AGREEMENT,
+                params: Default::default(),
             },
             &batch,
         )?,
         BenchModel::Classifier => tune_classifier(
             ClassifierSpec {
+                name: "classifier".into(),
+                version: 1,
                 weights: args.weights.clone(),
                 preset: Preset::V2,
                 labels: None,

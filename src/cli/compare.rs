@@ -11,13 +11,13 @@ use super::{inputs, resolve_weights, CacheArgs, Runtime};
 use crate::imaging;
 use crate::model::agreement::{ClassAgreement, DetectionAgreement, MIN_IOU, MIN_SCORE};
 use crate::model::classifier::CROP;
+use crate::model::detector::BOX_SCORE_THRESH;
 use crate::model::transform::{prepare_classifier, prepare_detector};
 use crate::model::Named;
 use crate::model::{
     resolve_precision, ArchChoice, Classifier, DetectRequest, DetectorConfig, FasterRcnn,
     Precision, Preset,
 };
-use crate::service::DEFAULT_SCORE_THRESHOLD;
 use crate::weights::StateDict;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -86,6 +86,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<std::process::ExitCode> {
                     frozen_bn_eps: None,
                     device,
                     compute: compute(p),
+                    params: Default::default(),
                 };
                 FasterRcnn::load(&weights, &config)
             };
@@ -93,7 +94,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<std::process::ExitCode> {
             let mut a = DetectionAgreement::default();
             for img in images {
                 let prepared = [prepare_detector(&img?.tensor)?];
-                let requests = DetectRequest::each(&prepared, DEFAULT_SCORE_THRESHOLD);
+                let requests = DetectRequest::each(&prepared, BOX_SCORE_THRESH);
                 a.add(&exact.detect(&requests)?[0], &fast.detect(&requests)?[0], 0);
             }
             report_detections(&a, precision, args.json)

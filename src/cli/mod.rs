@@ -210,16 +210,7 @@ pub(crate) fn named<T: Named + Send + Sync>() -> impl clap::builder::TypedValueP
 
 /// A checkpoint argument: a file, or the name of a published checkpoint (fetched if needed).
 pub fn resolve_weights(arg: &str, cache: &CacheArgs) -> anyhow::Result<PathBuf> {
-    let path = PathBuf::from(arg);
-    if path.exists() {
-        return Ok(path);
-    }
-    match hub::find(arg) {
-        Some(p) => Ok(hub::ensure(&p, &cache.cache_dir)?),
-        None => anyhow::bail!(
-            "weights {arg}: no such file, nor a published name (see `detectd weights list`)"
-        ),
-    }
+    hub::resolve(arg, None, &cache.cache_dir).map_err(anyhow::Error::msg)
 }
 
 fn weights(cmd: WeightsCommand) -> anyhow::Result<ExitCode> {
@@ -441,6 +432,7 @@ fn detect(args: DetectArgs) -> anyhow::Result<ExitCode> {
         frozen_bn_eps: args.frozen_bn_eps,
         device,
         compute,
+        params: Default::default(),
     };
     let model = FasterRcnn::load(&resolve_weights(&args.weights, &args.cache)?, &config)?;
     crate::alloc::tune_for_tensors();

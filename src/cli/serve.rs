@@ -3,21 +3,24 @@
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Args, ValueEnum};
 use tokio::sync::Notify;
 
-use super::{resolve_weights, CacheArgs};
+use super::CacheArgs;
 use crate::batch::BatchConfig;
 use crate::grpc::{self, GrpcConfig};
 use crate::http::{router, AppState};
 use crate::http::{BodyLimits, ConnectionLimits};
 use crate::metrics::Metrics;
-use crate::model::{autotune, device, ArchChoice, DeviceChoice, ModelError, Precision, Preset};
+use crate::model::{autotune, ArchChoice, DeviceChoice, Precision, Preset};
+use crate::service::settings;
 use crate::service::{
-    start_classifier, start_detector, ClassifierSpec, Decoding, DetectorSpec, Limits, Service,
+    Decoding, Limits, LoadContext, ModelSettings, Registry, Service, SettingsDefaults, Started,
+    Task,
 };
 use crate::weights::hub;
 
@@ -36,12 +39,32 @@ pub struct ServeArgs {
     /// Address for the gRPC API (detectd.v1.Detector, health, reflection); none: no gRPC.
     #[arg(long, env = "DETECTD_GRPC_ADDR")]
     pub grpc_addr: Option<SocketAddr>,
-    /// Faster R-CNN checkpoint file or published name; without it /detect answers 404.
+    /// Faster R-CNN checkpoint file or published name: the model named `detector`.
     #[arg(long, env = "DETECTD_DETECTOR_WEIGHTS")]
     pub detector_weights: Option<String>,
-    /// ResNet-50 checkpoint file or published name; without it /classify answers 404.
+    /// ResNet-50 checkpoint file or published name: the model named `classifier`.
     #[arg(long, env = "DETECTD_CLASSIFIER_WEIGHTS")]
     pub classifier_weights: Option<String>,
+    /// A model by name: NAME=SOURCE[,key=value...] with the keys of a [[model]] table
+    /// (repeat for more; in the environment, separate them with ';').
+    #[arg(
+        long = "model",
+        value_name = "NAME=SOURCE[,KEY=VALUE...]",
+        env = "DETECTD_MODELS",
+        value_delimiter = ';'
+    )]
+    pub models: Vec<String>,
+    /// A TOML file of [[model]] tables (name, source and the per-model keys); SIGHUP re-reads
+    /// it and loads, swaps or unloads what changed.
+    #[arg(long, env = "DETECTD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Key of the admin API (PUT/DELETE /v1/models/{name}); without it the API does not exist.
+    #[arg(long, env = "DETECTD_ADMIN_KEY")]
+    pub admin_key: Option<String>,
+    /// Resident memory (MiB) the server may reach by loading a model version; a load that
+    /// would pass it is refused.
+    #[arg(long, env = "DETECTD_MAX_MEMORY_MB", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_memory_mb: Option<u64>,
     /// Detector architecture; auto reads it from the checkpoint.
     #[arg(long, env = "DETECTD_ARCH", value_parser = super::named::<ArchChoice>(), default_value = "auto")]
     pub arch: ArchChoice,
@@ -142,6 +165,9 @@ impl ServeArgs {
         if shown.api_key.is_some() {
             shown.api_key = Some("<redacted>".into());
         }
+        if shown.admin_key.is_some() {
+            shown.admin_key = Some("<redacted>".into());
+        }
         format!("{shown:?}")
     }
 }
@@ -176,85 +202,93 @@ pub fn run(args: ServeArgs) -> anyhow::Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-type Workers = Vec<(
-    std::thread::JoinHandle<()>,
-    tokio::sync::oneshot::Receiver<Result<(), ModelError>>,
-)>;
+type Starts = Vec<Started>;
 
-/// Fetches every published checkpoint the arguments name, so that one error lists all the
-/// files that are missing rather than the first.
-fn fetch_published(args: &ServeArgs) -> anyhow::Result<()> {
-    let wanted: Vec<hub::Published> = [&args.detector_weights, &args.classifier_weights]
-        .into_iter()
-        .flatten()
-        .filter(|w| !std::path::Path::new(w.as_str()).exists())
-        .filter_map(|w| hub::find(w))
+/// Fetches every published checkpoint the models name, so that one error lists all the files
+/// that are missing rather than the first.
+fn fetch_published(all: &[ModelSettings], cache_dir: &std::path::Path) -> anyhow::Result<()> {
+    let wanted: Vec<hub::Published> = all
+        .iter()
+        .map(|m| m.source.as_str())
+        .filter(|w| !std::path::Path::new(w).exists())
+        .filter_map(hub::find)
         .collect();
-    hub::ensure_all(&wanted, &args.cache.cache_dir).map_err(anyhow::Error::msg)?;
+    hub::ensure_all(&wanted, cache_dir).map_err(anyhow::Error::msg)?;
     Ok(())
 }
 
-fn start_models(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<(Service, Workers)> {
-    fetch_published(args)?;
-    let device = device::resolve(args.device)?;
-    let batch = BatchConfig {
-        max_batch_size: args.max_batch_size as usize,
-        max_batch_delay: Duration::from_millis(args.max_batch_delay_ms),
-        max_queue: args.max_queue as usize,
-    };
-    let warmup_images = args
-        .warmup_images
-        .map_or(batch.max_batch_size, |n| n as usize);
-    let mut workers = Vec::new();
-    let detector = match &args.detector_weights {
-        Some(w) => {
-            let spec = DetectorSpec {
-                weights: resolve_weights(w, &args.cache)?,
-                arch: args.arch,
-                frozen_bn_eps: args.frozen_bn_eps,
-                labels: args.labels.clone(),
-                device,
-                precision: args.precision,
-                warmup_images,
-                cache_dir: args.cache.cache_dir.clone(),
-                min_agreement: args.auto_min_agreement,
-            };
-            let (served, started, handle) = start_detector(spec, batch, metrics.clone())?;
-            workers.push((handle, started));
-            Some(served)
-        }
-        None => None,
-    };
-    let classifier = match &args.classifier_weights {
-        Some(w) => {
-            let spec = ClassifierSpec {
-                weights: resolve_weights(w, &args.cache)?,
-                preset: args.preset,
-                labels: args.classifier_labels.clone(),
-                device,
-                precision: args.precision,
-                warmup_images,
-                cache_dir: args.cache.cache_dir.clone(),
-                min_agreement: args.auto_min_agreement,
-            };
-            let (served, started, handle) = start_classifier(spec, batch, metrics.clone())?;
-            workers.push((handle, started));
-            Some(served)
-        }
-        None => None,
-    };
-    // detectd_model_info is set by each worker once it knows its precision.
-    for info in detector
-        .iter()
-        .map(|d| d.info())
-        .chain(classifier.iter().map(|c| c.info()))
-    {
-        metrics.queue_depth.with_label_values(&[&info.name]).set(0);
+/// What a model takes from the flags when its own settings do not say.
+fn settings_defaults(args: &ServeArgs) -> SettingsDefaults {
+    SettingsDefaults {
+        arch: args.arch,
+        preset: args.preset,
+        frozen_bn_eps: args.frozen_bn_eps,
+        device: args.device,
+        precision: args.precision,
+        batch: BatchConfig {
+            max_batch_size: args.max_batch_size as usize,
+            max_batch_delay: Duration::from_millis(args.max_batch_delay_ms),
+            max_queue: args.max_queue as usize,
+        },
     }
+}
+
+fn read_config(path: &std::path::Path, d: &SettingsDefaults) -> anyhow::Result<Vec<ModelSettings>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("--config {}", path.display()))?;
+    settings::from_config(&text, d).map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))
+}
+
+/// Every model the flags and the config file name: the two shorthands first, then --model,
+/// then the file's tables.
+fn model_settings(args: &ServeArgs) -> anyhow::Result<Vec<ModelSettings>> {
+    let d = settings_defaults(args);
+    let mut all = Vec::new();
+    let shorthands = [
+        (
+            &args.detector_weights,
+            "detector",
+            Task::Detect,
+            &args.labels,
+        ),
+        (
+            &args.classifier_weights,
+            "classifier",
+            Task::Classify,
+            &args.classifier_labels,
+        ),
+    ];
+    for (weights, name, task, labels) in shorthands {
+        if let Some(w) = weights {
+            let mut m = ModelSettings::new(name, w, &d);
+            m.task = Some(task);
+            m.labels = labels.clone();
+            all.push(m);
+        }
+    }
+    for flag in &args.models {
+        all.push(ModelSettings::from_flag(flag, &d)?);
+    }
+    if let Some(path) = &args.config {
+        all.extend(read_config(path, &d)?);
+    }
+    Ok(all)
+}
+
+fn start_models(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<(Service, Starts)> {
+    let all = model_settings(args)?;
+    fetch_published(&all, &args.cache.cache_dir)?;
+    let registry = Arc::new(Registry::new(LoadContext {
+        cache_dir: args.cache.cache_dir.clone(),
+        warmup_images: args.warmup_images.map(|n| n as usize),
+        min_agreement: args.auto_min_agreement,
+        metrics: metrics.clone(),
+        max_memory: args.max_memory_mb.map(|mb| mb << 20),
+        defaults: settings_defaults(args),
+    }));
+    let starts = registry.start(all)?;
     let service = Service {
-        detector,
-        classifier,
-        classifier_preset: args.preset,
+        registry,
         metrics: metrics.clone(),
         limits: Limits {
             max_pixels: args.max_image_pixels,
@@ -264,16 +298,25 @@ fn start_models(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<(Ser
         },
         admission: Default::default(),
     };
-    Ok((service, workers))
+    Ok((service, starts))
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let (service, workers) = start_models(&args, &metrics)?;
-    if service.detector.is_none() && service.classifier.is_none() {
-        tracing::warn!("no model loaded: give --detector-weights and/or --classifier-weights");
+    let (service, starts) = start_models(&args, &metrics)?;
+    if service.registry.is_empty() {
+        tracing::warn!(
+            "no model loaded: give --detector-weights, --classifier-weights, --model or --config"
+        );
     }
     let service = Arc::new(service);
+    if let Some(path) = &args.config {
+        tokio::spawn(reload_on_sighup(
+            Arc::downgrade(&service.registry),
+            path.clone(),
+            settings_defaults(&args),
+        ));
+    }
     let body_limits = BodyLimits::new(
         args.max_body_bytes as usize,
         args.max_images_per_request as usize,
@@ -283,6 +326,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let state = Arc::new(AppState::new(
         service.clone(),
         args.api_key.clone(),
+        args.admin_key.clone(),
         body_limits,
     ));
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
@@ -297,7 +341,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     println!("detectd listening on http://{addr}");
     tracing::info!(%addr, "listening");
-    let handles = watch_workers(workers);
+    watch_starts(starts);
     let (drained_tx, drained) = tokio::sync::watch::channel(false);
     let stop = Arc::new(Notify::new());
     tokio::spawn(shutdown_signal(service.clone(), stop.clone(), drained_tx));
@@ -347,6 +391,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tracing::warn!(error = %e, "grpc server stopped with an error");
         }
     }
+    let handles = service.registry.take_workers();
     drop(state);
     drop(service);
     // The batchers are gone with the service: each worker finishes its queue and stops.
@@ -357,20 +402,66 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Exits the process if a model fails to load; returns the worker threads to join at the end.
-fn watch_workers(workers: Workers) -> Vec<std::thread::JoinHandle<()>> {
-    let mut handles = Vec::new();
-    for (handle, started) in workers {
-        handles.push(handle);
+/// Exits the process if a model fails to load at start.
+fn watch_starts(starts: Starts) {
+    for (name, started) in starts {
         tokio::spawn(async move {
             match started.await {
-                Ok(Ok(())) => tracing::info!("model ready"),
-                Ok(Err(e)) => fail_start(&e.to_string()),
-                Err(_) => fail_start("model worker exited during start-up"),
+                Ok(Ok(())) => tracing::info!(model = %name, "model ready"),
+                Ok(Err(e)) => fail_start(&format!("model {name:?}: {e}")),
+                Err(_) => fail_start(&format!(
+                    "model {name:?}: its worker exited during start-up"
+                )),
             }
         });
     }
-    handles
+}
+
+/// On SIGHUP, reads `--config` again and applies the difference: models gone from the file
+/// are unloaded, new or changed ones loaded (each swapped in once warm, as a PUT does).
+/// Models from flags or the admin API are left alone. A file that does not parse changes
+/// nothing.
+async fn reload_on_sighup(registry: Weak<Registry>, path: PathBuf, defaults: SettingsDefaults) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    let mut applied = read_config(&path, &defaults).unwrap_or_default();
+    while hup.recv().await.is_some() {
+        let Some(registry) = registry.upgrade() else {
+            return;
+        };
+        match read_config(&path, &defaults) {
+            Ok(wanted) => {
+                apply_config(&registry, &applied, &wanted).await;
+                applied = wanted;
+            }
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "SIGHUP: config not applied"),
+        }
+    }
+}
+
+async fn apply_config(
+    registry: &Arc<Registry>,
+    applied: &[ModelSettings],
+    wanted: &[ModelSettings],
+) {
+    for gone in applied
+        .iter()
+        .filter(|a| wanted.iter().all(|w| w.name != a.name))
+    {
+        match registry.delete(&gone.name) {
+            Ok(()) => tracing::info!(model = %gone.name, "SIGHUP: unloaded"),
+            Err(e) => tracing::warn!(model = %gone.name, error = %e, "SIGHUP: not unloaded"),
+        }
+    }
+    let serving = registry.settings();
+    for m in wanted.iter().filter(|w| !serving.contains(w)) {
+        match registry.put(m.clone()).await {
+            Ok(s) => tracing::info!(model = %m.name, version = ?s.version, "SIGHUP: loaded"),
+            Err(e) => tracing::error!(model = %m.name, error = %e, "SIGHUP: load failed"),
+        }
+    }
 }
 
 async fn when_drained(mut drained: tokio::sync::watch::Receiver<bool>) {

@@ -3,7 +3,22 @@
 
 use super::pb;
 use crate::labels::{NamedDetection, NamedPrediction};
-use crate::service::{Answer, ClassifyOptions, DetectOptions, ModelState, Service, Task};
+use crate::model::Named;
+use crate::service::{
+    Answer, ClassifyOptions, DetectOptions, ModelInfo, ModelState, Service, Task,
+};
+
+/// proto3's empty string: no model named, the default one.
+pub fn model_name(model: String) -> Option<String> {
+    (!model.is_empty()).then_some(model)
+}
+
+pub fn version(info: &ModelInfo) -> pb::ModelVersion {
+    pb::ModelVersion {
+        name: info.name.clone(),
+        version: info.version,
+    }
+}
 
 pub fn detect_options(
     score_threshold: f32,
@@ -52,6 +67,7 @@ pub fn detect_responses(answer: Answer<Vec<NamedDetection>>) -> Vec<pb::DetectRe
             width: r.width,
             height: r.height,
             detections: r.output.into_iter().map(detection).collect(),
+            model: None,
         })
         .collect()
 }
@@ -64,29 +80,60 @@ pub fn classify_responses(answer: Answer<Vec<NamedPrediction>>) -> Vec<pb::Class
             width: r.width,
             height: r.height,
             predictions: r.output.into_iter().map(prediction).collect(),
+            model: None,
         })
         .collect()
 }
 
 fn model(m: ModelState) -> pb::Model {
     let rpc = match m.task {
-        Task::Detect => "Detect",
-        Task::Classify => "Classify",
+        Some(Task::Detect) => "Detect",
+        Some(Task::Classify) => "Classify",
+        None => "",
     };
     let b = m.batching;
+    let info = m.info.as_ref();
+    let text = |f: fn(&ModelInfo) -> &String| info.map(f).cloned().unwrap_or_default();
     pb::Model {
-        name: m.info.name,
+        name: m.name.clone(),
         rpc: rpc.into(),
-        arch: m.info.arch,
-        num_classes: m.info.num_classes as u32,
-        device: m.info.device,
-        precision: m.info.precision,
-        ready: m.ready,
+        arch: text(|i| &i.arch),
+        num_classes: info.map_or(0, |i| i.num_classes as u32),
+        device: text(|i| &i.device),
+        precision: text(|i| &i.precision),
+        ready: m.state == crate::service::State::Ready,
         batching: Some(pb::Batching {
             max_batch_size: b.max_batch_size as u32,
             max_batch_delay_ms: b.max_batch_delay.as_millis() as u32,
             max_queue: b.max_queue as u32,
         }),
+        version: m.version.unwrap_or(0),
+        task: m.task.map(|t| t.name().to_string()).unwrap_or_default(),
+        state: state_name(m.state).into(),
+        error: m
+            .pending
+            .as_ref()
+            .and_then(|p| p.error.clone())
+            .unwrap_or_default(),
+        default: m.default,
+        memory_mb: m.memory_bytes.map_or(0, |b| b >> 20),
+        settings: m
+            .settings
+            .entries()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        draining: m.draining,
+    }
+}
+
+fn state_name(s: crate::service::State) -> &'static str {
+    use crate::service::State;
+    match s {
+        State::Loading => "loading",
+        State::Ready => "ready",
+        State::Draining => "draining",
+        State::Failed => "failed",
     }
 }
 

@@ -31,7 +31,9 @@ pub fn status(e: ServiceError) -> Status {
         | ServiceError::Unusable { .. }
         | ServiceError::TooManyImages { .. }
         | ServiceError::InvalidParameter(_) => Status::invalid_argument(message),
-        ServiceError::NotLoaded(_) => Status::not_found(message),
+        ServiceError::NotLoaded(_)
+        | ServiceError::ModelNotFound(_)
+        | ServiceError::WrongTask { .. } => Status::not_found(message),
         ServiceError::NotReady(_) | ServiceError::Draining => Status::unavailable(message),
         ServiceError::QueueFull => Status::resource_exhausted(message),
         ServiceError::Timeout => Status::deadline_exceeded(message),
@@ -107,12 +109,19 @@ impl Detector for DetectorApi {
         let timeout = client_timeout(&request);
         let r = request.into_inner();
         let options = convert::detect_options(r.score_threshold, r.max_detections, r.labels);
+        let model = convert::model_name(r.model);
         let answer = self
             .call("Detect", timeout, |s, deadline| async move {
-                s.detect(vec![r.image.into()], &options, deadline).await
+                s.detect(model.as_deref(), vec![r.image.into()], &options, deadline)
+                    .await
             })
             .await?;
+        let version = convert::version(&answer.model);
         let first = convert::detect_responses(answer).into_iter().next();
+        let first = first.map(|f| pb::DetectResponse {
+            model: Some(version),
+            ..f
+        });
         first
             .map(Response::new)
             .ok_or_else(|| Status::internal("no result for the image"))
@@ -125,12 +134,19 @@ impl Detector for DetectorApi {
         let timeout = client_timeout(&request);
         let r = request.into_inner();
         let options = convert::classify_options(r.top_k);
+        let model = convert::model_name(r.model);
         let answer = self
             .call("Classify", timeout, |s, deadline| async move {
-                s.classify(vec![r.image.into()], &options, deadline).await
+                s.classify(model.as_deref(), vec![r.image.into()], &options, deadline)
+                    .await
             })
             .await?;
+        let version = convert::version(&answer.model);
         let first = convert::classify_responses(answer).into_iter().next();
+        let first = first.map(|f| pb::ClassifyResponse {
+            model: Some(version),
+            ..f
+        });
         first
             .map(Response::new)
             .ok_or_else(|| Status::internal("no result for the image"))
@@ -146,14 +162,16 @@ impl Detector for DetectorApi {
             return Err(Status::invalid_argument("the request holds no image"));
         }
         let options = convert::detect_options(r.score_threshold, r.max_detections, r.labels);
+        let model = convert::model_name(r.model);
         let images = r.images.into_iter().map(Into::into).collect();
         let answer = self
             .call("DetectBatch", timeout, |s, deadline| async move {
-                s.detect(images, &options, deadline).await
+                s.detect(model.as_deref(), images, &options, deadline).await
             })
             .await?;
+        let model = Some(convert::version(&answer.model));
         let results = convert::detect_responses(answer);
-        Ok(Response::new(pb::DetectBatchResponse { results }))
+        Ok(Response::new(pb::DetectBatchResponse { results, model }))
     }
 
     async fn classify_batch(
@@ -166,14 +184,17 @@ impl Detector for DetectorApi {
             return Err(Status::invalid_argument("the request holds no image"));
         }
         let options = convert::classify_options(r.top_k);
+        let model = convert::model_name(r.model);
         let images = r.images.into_iter().map(Into::into).collect();
         let answer = self
             .call("ClassifyBatch", timeout, |s, deadline| async move {
-                s.classify(images, &options, deadline).await
+                s.classify(model.as_deref(), images, &options, deadline)
+                    .await
             })
             .await?;
+        let model = Some(convert::version(&answer.model));
         let results = convert::classify_responses(answer);
-        Ok(Response::new(pb::ClassifyBatchResponse { results }))
+        Ok(Response::new(pb::ClassifyBatchResponse { results, model }))
     }
 
     async fn list_models(

@@ -39,6 +39,17 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     ModelNotLoaded(String),
+    #[error("{0}")]
+    ModelNotFound(String),
+    /// An admin load whose weights or settings did not work.
+    #[error("{0}")]
+    LoadFailed(String),
+    /// An admin load refused by --max-memory-mb.
+    #[error("{0}")]
+    InsufficientMemory(String),
+    /// An admin load at odds with what the server holds (a name changing task).
+    #[error("{0}")]
+    Conflict(String),
     #[error("missing or invalid API key")]
     Unauthorized,
     #[error("the queue is full; retry shortly")]
@@ -65,7 +76,12 @@ impl ApiError {
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::InvalidParameter(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::NotFound(_) | ApiError::ModelNotLoaded(_) => StatusCode::NOT_FOUND,
+            ApiError::NotFound(_) | ApiError::ModelNotLoaded(_) | ApiError::ModelNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::LoadFailed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::InsufficientMemory(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::QueueFull => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotReady(_) | ApiError::Draining | ApiError::Busy(_) => {
@@ -90,6 +106,10 @@ impl ApiError {
             ApiError::InvalidParameter(_) => "invalid_parameter",
             ApiError::NotFound(_) => "not_found",
             ApiError::ModelNotLoaded(_) => "model_not_loaded",
+            ApiError::ModelNotFound(_) => "model_not_found",
+            ApiError::LoadFailed(_) => "load_failed",
+            ApiError::InsufficientMemory(_) => "insufficient_memory",
+            ApiError::Conflict(_) => "conflict",
             ApiError::Unauthorized => "unauthorized",
             ApiError::QueueFull => "queue_full",
             ApiError::NotReady(_) => "not_ready",
@@ -101,8 +121,9 @@ impl ApiError {
 }
 
 impl ApiError {
-    /// One of each variant, so the API document lists every status and code of the table.
-    fn every() -> [ApiError; 18] {
+    /// One of each variant the model endpoints answer, so the API document lists every status
+    /// and code they can send (the admin API's load errors are not among them).
+    fn every() -> [ApiError; 19] {
         let s = String::new;
         [
             ApiError::BadRequest(s()),
@@ -117,6 +138,7 @@ impl ApiError {
             ApiError::InvalidParameter(s()),
             ApiError::NotFound(s()),
             ApiError::ModelNotLoaded(s()),
+            ApiError::ModelNotFound(s()),
             ApiError::Unauthorized,
             ApiError::QueueFull,
             ApiError::NotReady(s()),
@@ -176,6 +198,9 @@ impl From<ServiceError> for ApiError {
             ServiceError::Unusable { .. } => ApiError::UnusableImage(e.to_string()),
             ServiceError::TooManyImages { .. } => ApiError::TooManyImages(e.to_string()),
             ServiceError::NotLoaded(_) => ApiError::ModelNotLoaded(e.to_string()),
+            ServiceError::ModelNotFound(_) | ServiceError::WrongTask { .. } => {
+                ApiError::ModelNotFound(e.to_string())
+            }
             ServiceError::NotReady(_) => ApiError::NotReady(e.to_string()),
             ServiceError::InvalidParameter(m) => ApiError::InvalidParameter(m),
             ServiceError::Draining => ApiError::Draining,

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
@@ -19,12 +19,13 @@ use super::input::{
 use super::{AppState, SERVER_TIMING};
 use crate::api::{
     detections_json, predictions_json, BatchingJson, ClassifyResponse, DetectResponse,
-    ImageDetections, ImagePredictions, ModelStatus, ModelsResponse, StatusBody,
+    ImageDetections, ImagePredictions, ModelStatus, ModelsResponse, NextVersionJson, StatusBody,
 };
 
 use crate::labels::NamedDetection;
+use crate::model::Named;
 use crate::render;
-use crate::service::{ModelState, Task, Timing};
+use crate::service::{ModelState, State as ModelLoad, Task, Timing};
 
 fn query_params<P>(query: Result<Query<P>, QueryRejection>) -> Result<P, ApiError> {
     query
@@ -123,22 +124,72 @@ pub async fn detect(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    detect_with(state, None, query, headers, body).await
+}
+
+/// Detect objects with the detector of that name.
+///
+/// As `/detect`, for one model by name.
+#[utoipa::path(
+    post, path = "/v1/models/{name}/detect", tag = "models",
+    params(("name" = String, Path, description = "The model's name"), DetectParams),
+    request_body(content(
+        (ImageBytes = "image/jpeg"), (ImageBytes = "image/png"), (ImageBytes = "image/webp"),
+        (ImageBytes = "application/octet-stream"),
+        (MultipartBody<DetectParams> = "multipart/form-data"),
+        (JsonBody<DetectParams> = "application/json"),
+    )),
+    responses(
+        (status = 200, description = "Detections per image, or with `render` the image drawn",
+         content((DetectResponse = "application/json"), (ImageBytes = "image/png"), (ImageBytes = "image/jpeg"))),
+        ModelErrors,
+    ),
+    security((), ("api_key" = [])),
+)]
+pub async fn detect_named(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    query: Result<Query<DetectParams>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    detect_with(state, Some(name), query, headers, body).await
+}
+
+/// The model a request names: the path's, else `model` from the query string.
+fn model_of<P>(
+    path: Option<String>,
+    query: &Result<Query<P>, QueryRejection>,
+    model: impl Fn(&P) -> Option<&String>,
+) -> Option<String> {
+    path.or_else(|| query.as_ref().ok().and_then(|q| model(&q.0).cloned()))
+}
+
+async fn detect_with(
+    state: Arc<AppState>,
+    path: Option<String>,
+    query: Result<Query<DetectParams>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let started = Instant::now();
-    // Draining, a missing or a loading model are refused before the body is read.
-    state.service.detector()?;
+    // Draining, an unknown or a loading model are refused before the body is read.
+    let named = model_of(path, &query, |p| p.model.as_ref());
+    state.service.pick(named.as_deref(), Task::Detect)?;
     // `_held` keeps the body's share of the in-flight bytes until the answer is sent.
     let input::Read {
         images,
         mut params,
         held: _held,
     } = read_body(&state, query, &headers, body).await?;
+    let model = named.or(params.model.take());
     let render = render_format(params.render.take().as_deref(), images.len())?;
     // Bytes clones share the buffer; kept only when the image is to be drawn.
     let source = render.and_then(|f| Some((f, images.first()?.clone())));
     let deadline = state.service.deadline(started, None);
     let answer = state
         .service
-        .detect(images, &params.into(), deadline)
+        .detect(model.as_deref(), images, &params.into(), deadline)
         .await?;
     if let Some((format, image)) = source {
         // render_format has checked there is exactly one result.
@@ -186,17 +237,54 @@ pub async fn classify(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    classify_with(state, None, query, headers, body).await
+}
+
+/// Classify with the classifier of that name.
+///
+/// As `/classify`, for one model by name.
+#[utoipa::path(
+    post, path = "/v1/models/{name}/classify", tag = "models",
+    params(("name" = String, Path, description = "The model's name"), ClassifyParams),
+    request_body(content(
+        (ImageBytes = "image/jpeg"), (ImageBytes = "image/png"), (ImageBytes = "image/webp"),
+        (ImageBytes = "application/octet-stream"),
+        (MultipartBody<ClassifyParams> = "multipart/form-data"),
+        (JsonBody<ClassifyParams> = "application/json"),
+    )),
+    responses((status = 200, description = "Top classes per image", body = ClassifyResponse), ModelErrors),
+    security((), ("api_key" = [])),
+)]
+pub async fn classify_named(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    query: Result<Query<ClassifyParams>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    classify_with(state, Some(name), query, headers, body).await
+}
+
+async fn classify_with(
+    state: Arc<AppState>,
+    path: Option<String>,
+    query: Result<Query<ClassifyParams>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let started = Instant::now();
-    state.service.classifier()?;
+    let named = model_of(path, &query, |p| p.model.as_ref());
+    state.service.pick(named.as_deref(), Task::Classify)?;
     let input::Read {
         images,
-        params,
+        mut params,
         held: _held,
     } = read_body(&state, query, &headers, body).await?;
+    let model = named.or(params.model.take());
     let deadline = state.service.deadline(started, None);
     let answer = state
         .service
-        .classify(images, &params.into(), deadline)
+        .classify(model.as_deref(), images, &params.into(), deadline)
         .await?;
     let results = answer
         .results
@@ -233,26 +321,42 @@ pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelsResponse> 
     Json(ModelsResponse { models })
 }
 
-fn model_status(m: ModelState) -> ModelStatus {
-    let endpoint = match m.task {
-        Task::Detect => "/detect",
-        Task::Classify => "/classify",
-    };
+pub(super) fn model_status(m: ModelState) -> ModelStatus {
+    let endpoint = m.task.map(|t| match t {
+        Task::Detect => format!("/v1/models/{}/detect", m.name),
+        Task::Classify => format!("/v1/models/{}/classify", m.name),
+    });
     let b = m.batching;
+    let info = m.info;
     ModelStatus {
-        name: m.info.name,
-        endpoint: endpoint.into(),
-        arch: m.info.arch,
-        classes: m.info.num_classes,
-        device: m.info.device,
-        precision: m.info.precision,
+        name: m.name,
+        version: m.version,
+        task: m.task.map(|t| t.name().into()),
+        state: m.state,
+        error: m.pending.as_ref().and_then(|p| p.error.clone()),
+        default: m.default,
+        endpoint,
+        arch: info.as_ref().map(|i| i.arch.clone()),
+        classes: info.as_ref().map(|i| i.num_classes),
+        device: info.as_ref().map(|i| i.device.clone()),
+        precision: info.as_ref().map(|i| i.precision.clone()),
         precision_trial: m.precision_trial.map(Into::into),
-        ready: m.ready,
+        ready: m.state == ModelLoad::Ready,
+        memory_mb: m
+            .memory_bytes
+            .map(|b| (b as f64 / 1_048_576.0).round() as u64),
+        settings: (&m.settings).into(),
         batching: BatchingJson {
             max_batch_size: b.max_batch_size,
             max_batch_delay_ms: b.max_batch_delay.as_millis() as u64,
             max_queue: b.max_queue,
         },
+        next: m.pending.map(|p| NextVersionJson {
+            version: p.version,
+            state: p.state,
+            error: p.error,
+        }),
+        draining: m.draining,
     }
 }
 

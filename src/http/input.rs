@@ -21,13 +21,17 @@ use crate::service::{ClassifyOptions, DetectOptions};
 #[derive(Debug, Default, Deserialize, IntoParams, ToSchema)]
 #[into_params(parameter_in = Query)]
 pub struct DetectParams {
-    /// Lowest score kept (default 0.05).
+    /// The detector to ask, by name (default: the server's default detector). On
+    /// `/v1/models/{name}/detect` the path names it.
+    pub model: Option<String>,
+    /// Lowest score kept (default: the model's `box_score_thresh`, torchvision's 0.05).
     #[param(minimum = 0.0, maximum = 1.0)]
     #[schema(minimum = 0.0, maximum = 1.0)]
     pub score_threshold: Option<f64>,
-    /// Most detections per image (default and maximum 100).
-    #[param(minimum = 1, maximum = 100)]
-    #[schema(minimum = 1, maximum = 100)]
+    /// Most detections per image (default and maximum: the model's `box_detections_per_img`,
+    /// torchvision's 100).
+    #[param(minimum = 1)]
+    #[schema(minimum = 1)]
     pub max_detections: Option<i64>,
     /// Class names to keep: comma-separated (or a JSON array in a body).
     #[param(value_type = Option<String>)]
@@ -42,6 +46,9 @@ pub struct DetectParams {
 #[derive(Debug, Default, Deserialize, IntoParams, ToSchema)]
 #[into_params(parameter_in = Query)]
 pub struct ClassifyParams {
+    /// The classifier to ask, by name (default: the server's default classifier). On
+    /// `/v1/models/{name}/classify` the path names it.
+    pub model: Option<String>,
     /// How many classes to return (default 5).
     #[param(minimum = 1, maximum = 1000)]
     #[schema(minimum = 1, maximum = 1000)]
@@ -77,6 +84,7 @@ pub trait Params: DeserializeOwned + Default + Send {
 impl Params for DetectParams {
     fn or(self, other: Self) -> Self {
         Self {
+            model: self.model.or(other.model),
             score_threshold: self.score_threshold.or(other.score_threshold),
             max_detections: self.max_detections.or(other.max_detections),
             labels: self.labels.or(other.labels),
@@ -88,6 +96,7 @@ impl Params for DetectParams {
 impl Params for ClassifyParams {
     fn or(self, other: Self) -> Self {
         Self {
+            model: self.model.or(other.model),
             top_k: self.top_k.or(other.top_k),
         }
     }

@@ -1,6 +1,7 @@
 //! The HTTP edge (axum): routes, parameters, the error table, request ids, metrics and auth.
 //! It handles bytes and JSON only; models are reached through `service::Service`.
 
+mod admin;
 mod error;
 mod handlers;
 pub(crate) mod input;
@@ -9,11 +10,11 @@ mod server;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use subtle::ConstantTimeEq;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -31,14 +32,22 @@ use crate::service::Service;
 pub struct AppState {
     pub service: Arc<Service>,
     pub api_key: Option<String>,
+    /// The admin API's key; without one the admin routes do not exist.
+    pub admin_key: Option<String>,
     pub input: input::Limits,
 }
 
 impl AppState {
-    pub fn new(service: Arc<Service>, api_key: Option<String>, input: input::Limits) -> Self {
+    pub fn new(
+        service: Arc<Service>,
+        api_key: Option<String>,
+        admin_key: Option<String>,
+        input: input::Limits,
+    ) -> Self {
         Self {
             service,
             api_key,
+            admin_key,
             input,
         }
     }
@@ -49,7 +58,8 @@ impl AppState {
 #[openapi(
     info(title = "detectd", description = "Object detection and image classification, torchvision-exact."),
     paths(
-        handlers::detect, handlers::classify, handlers::models,
+        handlers::detect, handlers::classify, handlers::detect_named, handlers::classify_named,
+        handlers::models,
         handlers::healthz, handlers::readyz, handlers::metrics, handlers::page,
     ),
     components(schemas(crate::api::ErrorBody)),
@@ -81,14 +91,18 @@ pub fn key_matches(presented: Option<&str>, key: &str) -> bool {
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
-/// Endpoint label values are fixed, so the metric series stay bounded.
-const ENDPOINTS: [&str; 9] = [
+/// Endpoint label values are fixed (route templates, not paths), so the metric series stay
+/// bounded.
+const ENDPOINTS: [&str; 12] = [
     "/",
     "/openapi.json",
     "/docs",
     "/detect",
     "/classify",
     "/v1/models",
+    "/v1/models/{name}/detect",
+    "/v1/models/{name}/classify",
+    "/v1/models/{name}",
     "/healthz",
     "/readyz",
     "/metrics",
@@ -98,13 +112,27 @@ pub fn router(state: Arc<AppState>, cors_origins: &[String]) -> Router {
     let guarded = Router::new()
         .route("/detect", post(handlers::detect))
         .route("/classify", post(handlers::classify))
+        .route("/v1/models/{name}/detect", post(handlers::detect_named))
+        .route("/v1/models/{name}/classify", post(handlers::classify_named))
         .route("/v1/models", get(handlers::models))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
         ));
-    let mut app = Router::new()
-        .merge(guarded)
+    let mut app = Router::new().merge(guarded);
+    if state.admin_key.is_some() {
+        let admin = Router::new()
+            .route(
+                "/v1/models/{name}",
+                put(admin::put_model).delete(admin::delete_model),
+            )
+            .route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                require_admin_key,
+            ));
+        app = app.merge(admin);
+    }
+    let mut app = app
         .route("/", get(handlers::page))
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
@@ -127,7 +155,7 @@ fn cors(origins: &[String]) -> CorsLayer {
     };
     CorsLayer::new()
         .allow_origin(allow)
-        .allow_methods([Method::GET, Method::POST])
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
         .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, REQUEST_ID])
         .expose_headers([REQUEST_ID, SERVER_TIMING])
 }
@@ -138,7 +166,22 @@ async fn require_api_key(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    if let Some(key) = &state.api_key {
+    check_key(&request, state.api_key.as_deref())?;
+    Ok(next.run(request).await)
+}
+
+/// The admin API's own key (never the API key).
+async fn require_admin_key(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    check_key(&request, state.admin_key.as_deref())?;
+    Ok(next.run(request).await)
+}
+
+fn check_key(request: &Request, key: Option<&str>) -> Result<(), ApiError> {
+    if let Some(key) = key {
         let given = request
             .headers()
             .get(header::AUTHORIZATION)
@@ -147,7 +190,7 @@ async fn require_api_key(
             return Err(ApiError::Unauthorized);
         }
     }
-    Ok(next.run(request).await)
+    Ok(())
 }
 
 /// A client's request id when it is a sane token, else a new one.
@@ -164,7 +207,10 @@ fn request_id(request: &Request) -> String {
 /// Request id, tracing span, request metrics and the total in Server-Timing.
 async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let id = request_id(&request);
-    let path = request.uri().path();
+    let path = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or(request.uri().path(), MatchedPath::as_str);
     let endpoint = ENDPOINTS
         .iter()
         .find(|e| **e == path)

@@ -10,15 +10,56 @@ use super::layers::{Compute, NormKind};
 use super::resnet::ResNetBody;
 use super::roi_heads::{multiscale_roi_align, postprocess, BoxHead, Predictor, RawDetections};
 use super::rpn::{propose, RpnHead};
-use super::transform::{pad_batch, Prepared};
+use super::transform::{pad_batch, DetectorResize, Prepared};
 use super::{guard, ModelError};
 use crate::weights::{Loader, StateDict, WeightsError};
 
-/// torchvision's `detections_per_img`.
+/// torchvision's `box_detections_per_img` default.
 pub const MAX_DETECTIONS: i64 = 100;
-/// torchvision's `box_score_thresh`: detections scoring at or below it are dropped before NMS.
-/// The default everywhere a score threshold is not given (server, CLI, bench, compare).
+/// torchvision's `box_score_thresh` default: detections scoring at or below it are dropped
+/// before NMS. The default everywhere a score threshold is not given (server, CLI, bench,
+/// compare).
 pub const BOX_SCORE_THRESH: f64 = 0.05;
+
+/// The arguments of torchvision's `FasterRCNN` constructor that change its answers at
+/// inference, under torchvision's names, with its defaults. A model built with other values
+/// answers what torchvision built with the same arguments answers.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct DetectorParams {
+    pub min_size: i64,
+    pub max_size: i64,
+    pub rpn_pre_nms_top_n_test: i64,
+    pub rpn_post_nms_top_n_test: i64,
+    pub rpn_nms_thresh: f64,
+    /// The score threshold when a request gives none.
+    pub box_score_thresh: f64,
+    pub box_nms_thresh: f64,
+    pub box_detections_per_img: i64,
+}
+
+impl Default for DetectorParams {
+    fn default() -> Self {
+        Self {
+            min_size: 800,
+            max_size: 1333,
+            rpn_pre_nms_top_n_test: 1000,
+            rpn_post_nms_top_n_test: 1000,
+            rpn_nms_thresh: 0.7,
+            box_score_thresh: BOX_SCORE_THRESH,
+            box_nms_thresh: 0.5,
+            box_detections_per_img: MAX_DETECTIONS,
+        }
+    }
+}
+
+impl DetectorParams {
+    pub fn resize(&self) -> DetectorResize {
+        DetectorResize {
+            min_size: self.min_size,
+            max_size: self.max_size,
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -48,6 +89,7 @@ pub struct DetectorConfig {
     pub device: Device,
     /// How to compute; `Compute::EXACT` is torchvision's f32 arithmetic.
     pub compute: Compute,
+    pub params: DetectorParams,
 }
 
 pub struct FasterRcnn {
@@ -62,6 +104,7 @@ pub struct FasterRcnn {
     /// the CPU runs images one by one (and the server's batcher hands it one job at a time);
     /// a GPU runs whole groups. Results are the same either way (batch invariance, tested).
     pub images_per_forward: usize,
+    pub params: DetectorParams,
     body: ResNetBody,
     fpn: Fpn,
     rpn: RpnHead,
@@ -119,6 +162,7 @@ impl FasterRcnn {
         let model = Self::build(&loader, arch, num_classes, norm, config.device);
         loader.finish()?;
         let mut model = model;
+        model.params = config.params;
         if config.compute != Compute::EXACT {
             guard(|| model.prepare(config.compute))?;
         }
@@ -142,6 +186,7 @@ impl FasterRcnn {
             device,
             compute: Compute::EXACT,
             images_per_forward: if device.is_cuda() { usize::MAX } else { 1 },
+            params: DetectorParams::default(),
             body: ResNetBody::load(&root.sub("backbone").sub("body"), norm),
             fpn: Fpn::load(
                 &root.sub("backbone").sub("fpn"),
@@ -222,7 +267,7 @@ impl FasterRcnn {
             .input(&pad_batch(&images, padded).to_device(self.device));
         let features = self.fpn.forward(&self.body.forward(&batch));
         let sizes: Vec<(i64, i64)> = images.iter().map(|p| p.resized).collect();
-        let proposals = propose(&self.rpn, &features, &sizes, padded);
+        let proposals = propose(&self.rpn, &features, &sizes, padded, &self.params);
         group
             .iter()
             .enumerate()
@@ -239,7 +284,7 @@ impl FasterRcnn {
                     &proposals[b],
                     r.image.resized,
                     r.score_threshold,
-                    MAX_DETECTIONS,
+                    &self.params,
                 );
                 let dets = to_original(&raw, r.image);
                 let t = trace.then(|| Trace {

@@ -17,13 +17,37 @@ pub mod transform;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use crate::weights::WeightsError;
+use crate::weights::{StateDict, WeightsError};
 
 pub use classifier::{Classifier, Prediction, Preset};
 pub use detector::{Arch, ArchChoice, DetectRequest, Detection, DetectorConfig, FasterRcnn};
 pub use device::{resolve_precision, DeviceChoice, Precision};
 pub use layers::Compute;
 pub use named::Named;
+
+/// What a model does; each edge names its own route for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    Detect,
+    Classify,
+}
+
+named::named!(Task { Detect => "detect", Classify => "classify" });
+
+/// What a checkpoint holds, from its keys: a detector's box predictor or a classifier's `fc`.
+pub fn task_of(path: &std::path::Path) -> Result<Task, ModelError> {
+    let sd = StateDict::load(path)?;
+    if sd.has("roi_heads.box_predictor.cls_score.weight") {
+        Ok(Task::Detect)
+    } else if sd.has("fc.weight") {
+        Ok(Task::Classify)
+    } else {
+        Err(ModelError::Weights(format!(
+            "{}: neither a Faster R-CNN (roi_heads.box_predictor) nor a ResNet-50 (fc) checkpoint; set task",
+            path.display()
+        )))
+    }
+}
 
 /// Errors of the model layer. Clone, so one failure can be handed to every request of a batch.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -3,6 +3,7 @@
 
 use tch::{Kind, Tensor};
 
+use super::detector::DetectorParams;
 use super::fpn::FPN_CHANNELS;
 use super::layers::{Compute, ConvNorm, Linear, NormKind};
 use super::ops::boxes::{area, clip_to_image, remove_small, BoxCoder};
@@ -12,7 +13,6 @@ use crate::weights::VarPath;
 const POOL: i64 = 7;
 const SAMPLING_RATIO: i64 = 2;
 const REPRESENTATION: i64 = 1024;
-const NMS_THRESH: f64 = 0.5;
 const MIN_SIZE: f64 = 1e-2;
 const CODER: BoxCoder = BoxCoder {
     weights: [10.0, 10.0, 5.0, 5.0],
@@ -177,14 +177,14 @@ impl Predictor {
 }
 
 /// `postprocess_detections` for one image: per-class boxes, scores above `score_thresh`,
-/// per-class NMS, at most `max_detections`, best first.
+/// per-class NMS, at most `box_detections_per_img`, best first.
 pub fn postprocess(
     logits: &Tensor,
     deltas: &Tensor,
     proposals: &Tensor,
     (h, w): (i64, i64),
     score_thresh: f64,
-    max_detections: i64,
+    params: &DetectorParams,
 ) -> RawDetections {
     let num_classes = logits.size()[1];
     let boxes = clip_to_image(&CODER.decode(deltas, proposals), h, w);
@@ -207,8 +207,8 @@ pub fn postprocess(
     let (boxes, scores, labels) = select(&idx, &boxes, &scores, &labels);
     let idx = remove_small(&boxes, MIN_SIZE);
     let (boxes, scores, labels) = select(&idx, &boxes, &scores, &labels);
-    let keep = batched_nms(&boxes, &scores, &labels, NMS_THRESH);
-    let keep = keep.narrow(0, 0, max_detections.min(keep.size()[0]));
+    let keep = batched_nms(&boxes, &scores, &labels, params.box_nms_thresh);
+    let keep = keep.narrow(0, 0, params.box_detections_per_img.min(keep.size()[0]));
     let (boxes, scores, labels) = select(&keep, &boxes, &scores, &labels);
     RawDetections {
         boxes,

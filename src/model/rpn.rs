@@ -3,15 +3,13 @@
 use tch::{Kind, Tensor};
 
 use super::anchors::{grid_anchors, ANCHORS_PER_LOCATION};
+use super::detector::DetectorParams;
 use super::fpn::FPN_CHANNELS;
 use super::layers::{Compute, Conv2d};
 use super::ops::batched_nms;
 use super::ops::boxes::{clip_to_image, remove_small, BoxCoder};
 use crate::weights::VarPath;
 
-const PRE_NMS_TOP_N: i64 = 1000;
-const POST_NMS_TOP_N: i64 = 1000;
-const NMS_THRESH: f64 = 0.7;
 const MIN_SIZE: f64 = 1e-3;
 const CODER: BoxCoder = BoxCoder { weights: [1.0; 4] };
 
@@ -80,6 +78,7 @@ pub fn propose(
     features: &[Tensor],
     sizes: &[(i64, i64)],
     padded: (i64, i64),
+    params: &DetectorParams,
 ) -> Vec<Tensor> {
     let (logits, deltas) = head.forward(features);
     let grids: Vec<(i64, i64)> = features
@@ -94,7 +93,7 @@ pub fn propose(
             let proposals = CODER
                 .decode(&deltas.get(b as i64), &anchors)
                 .reshape([-1, 4]);
-            filter_proposals(&proposals, &logits.get(b as i64), &counts, size)
+            filter_proposals(&proposals, &logits.get(b as i64), &counts, size, params)
         })
         .collect()
 }
@@ -104,6 +103,7 @@ fn filter_proposals(
     logits: &Tensor,
     counts: &[i64],
     (h, w): (i64, i64),
+    params: &DetectorParams,
 ) -> Tensor {
     let device = logits.device();
     let mut top = Vec::new();
@@ -111,11 +111,12 @@ fn filter_proposals(
     let mut offset = 0;
     for (level, &n) in counts.iter().enumerate() {
         // Top-k on the logits of one level, kept 2-D like torchvision's batched call.
-        let (_, idx) =
-            logits
-                .narrow(0, offset, n)
-                .unsqueeze(0)
-                .topk(PRE_NMS_TOP_N.min(n), 1, true, true);
+        let (_, idx) = logits.narrow(0, offset, n).unsqueeze(0).topk(
+            params.rpn_pre_nms_top_n_test.min(n),
+            1,
+            true,
+            true,
+        );
         let idx = idx.squeeze_dim(0) + offset;
         levels.push(Tensor::full(
             [idx.size()[0]],
@@ -136,7 +137,7 @@ fn filter_proposals(
         levels.index_select(0, &keep),
     );
     // (torchvision also keeps scores >= 0.0 here, which a sigmoid always satisfies.)
-    let keep = batched_nms(&boxes, &scores, &levels, NMS_THRESH);
-    let keep = keep.narrow(0, 0, POST_NMS_TOP_N.min(keep.size()[0]));
+    let keep = batched_nms(&boxes, &scores, &levels, params.rpn_nms_thresh);
+    let keep = keep.narrow(0, 0, params.rpn_post_nms_top_n_test.min(keep.size()[0]));
     boxes.index_select(0, &keep)
 }

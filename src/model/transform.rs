@@ -7,8 +7,6 @@ use super::{guard, ModelError};
 
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const STD: [f32; 3] = [0.229, 0.224, 0.225];
-const MIN_SIZE: f64 = 800.0;
-const MAX_SIZE: f64 = 1333.0;
 const SIZE_DIVISIBLE: i64 = 32;
 
 /// One image ready for the detector: normalized, resized, not yet padded.
@@ -41,8 +39,15 @@ pub const MAX_RESIZED_PIXELS: i64 = 16_000_000;
 /// Why an image cannot be prepared for a model, known from its size alone.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SizeError {
-    #[error("a {h}x{w} image resizes to {oh}x{ow} for the detector (800 px short side, 1333 px long side at most): one side would be empty")]
-    EmptySide { h: i64, w: i64, oh: i64, ow: i64 },
+    #[error("a {h}x{w} image resizes to {oh}x{ow} for the detector ({min_size} px short side, {max_size} px long side at most): one side would be empty")]
+    EmptySide {
+        h: i64,
+        w: i64,
+        oh: i64,
+        ow: i64,
+        min_size: i64,
+        max_size: i64,
+    },
     #[error("a {h}x{w} image resizes to {oh}x{ow} = {pixels} pixels before the classifier's crop, over the bound of {limit}: its aspect ratio is too extreme")]
     TooElongated {
         h: i64,
@@ -80,45 +85,78 @@ fn torch(e: tch::TchError) -> ModelError {
     ModelError::Inference(format!("preprocessing: {e}"))
 }
 
-/// Output size of the detector resize: f64 arithmetic and truncation exactly as torchvision
-/// (so a short side of 97 becomes 799, not 800).
-pub fn detector_size(h: i64, w: i64) -> (i64, i64) {
-    let (short, long) = (h.min(w) as f64, h.max(w) as f64);
-    let scale = (MIN_SIZE / short).min(MAX_SIZE / long);
-    (
-        (h as f64 * scale).floor() as i64,
-        (w as f64 * scale).floor() as i64,
-    )
+/// torchvision's `GeneralizedRCNNTransform(min_size, max_size)`: the short side scaled to
+/// `min_size` unless the long side would then pass `max_size`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DetectorResize {
+    pub min_size: i64,
+    pub max_size: i64,
 }
 
-/// Whether an `h`×`w` image can go through the detector's resize.
-pub fn check_detector(h: i64, w: i64) -> Result<(), SizeError> {
-    let (oh, ow) = detector_size(h, w);
-    if oh < 1 || ow < 1 {
-        return Err(SizeError::EmptySide { h, w, oh, ow });
+impl Default for DetectorResize {
+    /// torchvision's defaults.
+    fn default() -> Self {
+        Self {
+            min_size: 800,
+            max_size: 1333,
+        }
     }
-    Ok(())
 }
 
-/// Normalize first, then bilinear resize (align_corners false, scale derived from sizes).
+impl DetectorResize {
+    /// Output size: f64 arithmetic and truncation exactly as torchvision (so a short side of
+    /// 97 becomes 799, not 800).
+    pub fn size(&self, h: i64, w: i64) -> (i64, i64) {
+        let (short, long) = (h.min(w) as f64, h.max(w) as f64);
+        let scale = (self.min_size as f64 / short).min(self.max_size as f64 / long);
+        (
+            (h as f64 * scale).floor() as i64,
+            (w as f64 * scale).floor() as i64,
+        )
+    }
+
+    /// Whether an `h`×`w` image can go through the resize.
+    pub fn check(&self, h: i64, w: i64) -> Result<(), SizeError> {
+        let (oh, ow) = self.size(h, w);
+        if oh < 1 || ow < 1 {
+            return Err(SizeError::EmptySide {
+                h,
+                w,
+                oh,
+                ow,
+                min_size: self.min_size,
+                max_size: self.max_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Normalize first, then bilinear resize (align_corners false, scale derived from sizes).
+    pub fn prepare(&self, image: &Tensor) -> Result<Prepared, ModelError> {
+        let (_, h, w) = size3(image)?;
+        self.check(h, w)
+            .map_err(|e| ModelError::Inference(e.to_string()))?;
+        let (oh, ow) = self.size(h, w);
+        // tch panics on some libtorch errors even through the f_ API (allocation failures
+        // among them): the guard turns those into errors too.
+        let tensor = guard(|| -> Result<Tensor, tch::TchError> {
+            to_normalized(image)?
+                .f_unsqueeze(0)?
+                .f_upsample_bilinear2d([oh, ow], false, None, None)?
+                .f_squeeze_dim(0)
+        })?
+        .map_err(torch)?;
+        Ok(Prepared {
+            tensor,
+            original: (h, w),
+            resized: (oh, ow),
+        })
+    }
+}
+
+/// The detector's input at torchvision's default sizes.
 pub fn prepare_detector(image: &Tensor) -> Result<Prepared, ModelError> {
-    let (_, h, w) = size3(image)?;
-    check_detector(h, w).map_err(|e| ModelError::Inference(e.to_string()))?;
-    let (oh, ow) = detector_size(h, w);
-    // tch panics on some libtorch errors even through the f_ API (allocation failures among
-    // them): the guard turns those into errors too.
-    let tensor = guard(|| -> Result<Tensor, tch::TchError> {
-        to_normalized(image)?
-            .f_unsqueeze(0)?
-            .f_upsample_bilinear2d([oh, ow], false, None, None)?
-            .f_squeeze_dim(0)
-    })?
-    .map_err(torch)?;
-    Ok(Prepared {
-        tensor,
-        original: (h, w),
-        resized: (oh, ow),
-    })
+    DetectorResize::default().prepare(image)
 }
 
 /// Zero-pads images of the same padded size into `[N, 3, Hp, Wp]`, top-left aligned.
@@ -211,6 +249,7 @@ mod tests {
 
     #[test]
     fn resize_keeps_torchvision_f64_truncation() {
+        let detector_size = |h, w| DetectorResize::default().size(h, w);
         // 800 / 97 * 97 is just below 800 in f64.
         assert_eq!(
             detector_size(97, 130).0,
@@ -224,6 +263,7 @@ mod tests {
 
     #[test]
     fn degenerate_sizes_are_refused_from_the_size_alone() {
+        let check_detector = |h, w| DetectorResize::default().check(h, w);
         assert!(check_detector(1, 2000).is_err());
         assert!(check_detector(2000, 1).is_err());
         assert!(check_detector(1, 1333).is_ok());

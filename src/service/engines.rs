@@ -6,18 +6,18 @@ use std::thread::JoinHandle;
 
 use tch::{Device, Tensor};
 
-use super::{ModelInfo, Preparer, Served, Tuned, DEFAULT_SCORE_THRESHOLD};
-use crate::batch::{BatchConfig, Batcher, Engine};
+use super::memory;
+use super::{ModelInfo, Preparer, Served, Tuned};
+use crate::batch::{BatchConfig, Batcher, Engine, ModelLabels};
 use crate::imaging::RgbImage;
 use crate::labels::Labels;
 use crate::metrics::Metrics;
 use crate::model::agreement::{ClassAgreement, DetectionAgreement};
 use crate::model::autotune::{self, candidates, time_passes, Decision, DecisionCache, TrialKey};
 use crate::model::classifier::CROP;
-use crate::model::detector::DetectorConfig;
+use crate::model::detector::{DetectorConfig, DetectorParams};
 use crate::model::transform::{
-    check_classifier, check_detector, classifier_size, detector_size, prepare_classifier,
-    prepare_detector, Prepared,
+    check_classifier, classifier_size, prepare_classifier, DetectorResize, Prepared,
 };
 use crate::model::Named;
 use crate::model::{
@@ -33,18 +33,22 @@ pub struct DetectInput {
 }
 
 impl DetectInput {
-    pub fn new(img: &RgbImage, score_threshold: f64) -> Result<Self, ModelError> {
+    pub fn new(
+        img: &RgbImage,
+        resize: DetectorResize,
+        score_threshold: f64,
+    ) -> Result<Self, ModelError> {
         Ok(Self {
-            prepared: prepare_detector(&img.tensor)?,
+            prepared: resize.prepare(&img.tensor)?,
             score_threshold,
         })
     }
 
-    pub(crate) fn preparer(score_threshold: f64) -> Preparer<Self> {
+    pub(crate) fn preparer(resize: DetectorResize, score_threshold: f64) -> Preparer<Self> {
         Preparer {
-            check: Box::new(check_detector),
-            resized_pixels: Box::new(|h, w| pixels(detector_size(h, w))),
-            prepare: Arc::new(move |img| Self::new(img, score_threshold)),
+            check: Box::new(move |h, w| resize.check(h, w)),
+            resized_pixels: Box::new(move |h, w| pixels(resize.size(h, w))),
+            prepare: Arc::new(move |img| Self::new(img, resize, score_threshold)),
         }
     }
 }
@@ -118,6 +122,8 @@ impl Engine for ClassifierEngine {
 }
 
 pub struct DetectorSpec {
+    pub name: String,
+    pub version: u64,
     pub weights: PathBuf,
     pub arch: ArchChoice,
     pub frozen_bn_eps: Option<f64>,
@@ -129,9 +135,12 @@ pub struct DetectorSpec {
     pub cache_dir: PathBuf,
     /// The agreement with fp32 `auto` requires.
     pub min_agreement: f64,
+    pub params: DetectorParams,
 }
 
 pub struct ClassifierSpec {
+    pub name: String,
+    pub version: u64,
     pub weights: PathBuf,
     pub preset: Preset,
     pub labels: Option<PathBuf>,
@@ -205,6 +214,8 @@ struct Plan<E: Engine> {
     images: usize,
     input: MakeInput<E::Input>,
     agree: Agree<E::Output>,
+    /// What loading the weights added to the resident memory.
+    loaded_bytes: Option<u64>,
 }
 
 /// Decoded image to the engine's input.
@@ -215,7 +226,16 @@ type Agree<O> = Box<dyn Fn(&Vec<O>, &Vec<O>) -> f64 + Send>;
 impl<E: Engine> Plan<E> {
     /// `auto`'s trial (or, with a precision set, a warm-up pass over `images` trial images,
     /// so the first request is not the slow one): the engine to serve with, warm.
+    /// The version's memory is what loading added plus the warm-up's peak above that.
     fn make(self) -> Result<(E, Tuned), ModelError> {
+        let loaded = self.loaded_bytes;
+        let (made, warm) = memory::measured(|| self.warm());
+        let (engine, mut tuned) = made?;
+        tuned.memory_bytes = loaded.zip(warm).map(|(l, w)| l + w);
+        Ok((engine, tuned))
+    }
+
+    fn warm(self) -> Result<(E, Tuned), ModelError> {
         let images = trial_images(self.images, TRIAL_SIZE);
         let input = self.input;
         let pass = |engine: &mut E| run_all(engine, &images, self.per_run, &input);
@@ -226,6 +246,7 @@ impl<E: Engine> Plan<E> {
                 let tuned = Tuned {
                     precision: self.precision,
                     decision: None,
+                    memory_bytes: None,
                 };
                 Ok((engine, tuned))
             }
@@ -234,6 +255,7 @@ impl<E: Engine> Plan<E> {
                 let tuned = Tuned {
                     precision: decision.precision().unwrap_or(Precision::Fp32),
                     decision: Some(decision),
+                    memory_bytes: None,
                 };
                 Ok((engine, tuned))
             }
@@ -258,6 +280,7 @@ fn detector_config(spec: &DetectorSpec, precision: Precision) -> DetectorConfig 
         frozen_bn_eps: spec.frozen_bn_eps,
         device: spec.device,
         compute: resolve_precision(precision, spec.device).1,
+        params: spec.params,
     }
 }
 
@@ -313,14 +336,17 @@ fn detector_plan(
     batch: &BatchConfig,
 ) -> anyhow::Result<(Plan<DetectorEngine>, ModelInfo, Labels)> {
     let first = loaded_first(spec.precision, spec.device);
-    let model = FasterRcnn::load(&spec.weights, &detector_config(&spec, first))?;
+    let (model, loaded_bytes) =
+        memory::measured(|| FasterRcnn::load(&spec.weights, &detector_config(&spec, first)));
+    let model = model?;
     let labels = Labels::for_model(spec.labels.as_deref(), model.num_classes, Labels::coco)?;
     let arch = format!(
         "fasterrcnn_resnet50_fpn_{}",
         format!("{:?}", model.arch).to_lowercase()
     );
     let info = ModelInfo {
-        name: "detector".into(),
+        name: spec.name.clone(),
+        version: spec.version,
         arch: arch.clone(),
         device: device_name(spec.device),
         precision: spec.precision.name().into(),
@@ -342,6 +368,8 @@ fn detector_plan(
     } else {
         spec.warmup_images
     };
+    let resize = spec.params.resize();
+    let score = spec.params.box_score_thresh;
     let load = move |p: Precision| {
         FasterRcnn::load(&spec.weights, &detector_config(&spec, p)).map(DetectorEngine)
     };
@@ -359,8 +387,9 @@ fn detector_plan(
         trial,
         per_run,
         images,
-        input: Box::new(|img| DetectInput::new(img, DEFAULT_SCORE_THRESHOLD)),
+        input: Box::new(move |img| DetectInput::new(img, resize, score)),
         agree: Box::new(agree),
+        loaded_bytes,
     };
     Ok((plan, info, labels))
 }
@@ -378,12 +407,12 @@ fn spawn_worker<E: Engine + Send + 'static>(
     batch: BatchConfig,
     metrics: Arc<Metrics>,
 ) -> Started<E::Input, E::Output> {
-    let name = info.name.clone();
+    let labels_of_metrics = ModelLabels::new(&info.name, info.version);
     let tuned = Arc::new(OnceLock::new());
     let served_tuned = tuned.clone();
     let gauge_info = info.clone();
     let worker_metrics = metrics.clone();
-    let (batcher, started, handle) = Batcher::spawn(&name, batch, metrics, move || {
+    let (batcher, started, handle) = Batcher::spawn(labels_of_metrics, batch, metrics, move || {
         let malloc = crate::alloc::tune_for_tensors();
         tracing::info!(?malloc, "weights loaded, warming up");
         let (engine, result) = plan.make()?;
@@ -391,6 +420,7 @@ fn spawn_worker<E: Engine + Send + 'static>(
             .model_info
             .with_label_values(&[
                 &gauge_info.name,
+                &gauge_info.version.to_string(),
                 &gauge_info.arch,
                 &gauge_info.device,
                 result.precision.name(),
@@ -497,11 +527,14 @@ fn classifier_plan(
 ) -> anyhow::Result<(Plan<ClassifierEngine>, ModelInfo, Labels)> {
     let first = loaded_first(spec.precision, spec.device);
     let compute = |p| resolve_precision(p, spec.device).1;
-    let model = Classifier::load(&spec.weights, spec.device, compute(first))?;
+    let (model, loaded_bytes) =
+        memory::measured(|| Classifier::load(&spec.weights, spec.device, compute(first)));
+    let model = model?;
     let labels = Labels::for_model(spec.labels.as_deref(), model.num_classes, Labels::imagenet)?;
     let arch = format!("resnet50 (preset {:?})", spec.preset).to_lowercase();
     let info = ModelInfo {
-        name: "classifier".into(),
+        name: spec.name.clone(),
+        version: spec.version,
         arch: arch.clone(),
         device: device_name(spec.device),
         precision: spec.precision.name().into(),
@@ -543,6 +576,7 @@ fn classifier_plan(
         images,
         input: Box::new(move |img| ClassifyInput::new(img, preset, 5)),
         agree: Box::new(agree),
+        loaded_bytes,
     };
     Ok((plan, info, labels))
 }

@@ -5,7 +5,10 @@
 mod admission;
 mod decoding;
 mod engines;
+mod memory;
 mod params;
+pub mod registry;
+pub mod settings;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -19,44 +22,31 @@ use crate::labels::{Labels, NamedDetection, NamedPrediction};
 use crate::metrics::Metrics;
 use crate::model::autotune::Decision;
 use crate::model::transform::SizeError;
-use crate::model::{Detection, ModelError, Named, Precision, Prediction, Preset};
+use crate::model::{Detection, ModelError, Named, Precision, Prediction};
 
+pub use crate::model::Task;
 pub use admission::{Admission, InFlight};
 pub use decoding::Decoding;
 pub use engines::{
     start_classifier, start_detector, trial_images, tune_classifier, tune_detector, ClassifierSpec,
     ClassifyInput, DetectInput, DetectorSpec,
 };
-pub use params::{
-    ClassifyOptions, DetectOptions, DEFAULT_SCORE_THRESHOLD, DEFAULT_TOP_K, MAX_TOP_K,
+pub use params::{ClassifyOptions, DetectOptions, DEFAULT_TOP_K, MAX_TOP_K};
+pub use registry::{
+    LoadContext, LoadError, Loaded, ModelState, Registry, Started, Starting, State, Version,
 };
+pub use settings::{ModelSettings, SettingsDefaults, SettingsError};
 
-/// What the edge reports about a loaded model.
+/// What the edge reports about a loaded model version.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ModelInfo {
     pub name: String,
+    /// Counts up from 1 with each load of the name.
+    pub version: u64,
     pub arch: String,
     pub device: String,
     pub precision: String,
     pub num_classes: i64,
-}
-
-/// What a model does; each edge names its own route for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Task {
-    Detect,
-    Classify,
-}
-
-/// A loaded model as both edges list it.
-pub struct ModelState {
-    pub task: Task,
-    pub info: ModelInfo,
-    /// Weights loaded and warm-up done.
-    pub ready: bool,
-    pub batching: BatchConfig,
-    /// What `auto` measured and chose, when the precision was `auto`.
-    pub precision_trial: Option<Decision>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -67,10 +57,14 @@ pub enum ServiceError {
     Unusable { index: usize, reason: String },
     #[error("the request holds {count} images; at most {limit} are taken per request")]
     TooManyImages { count: usize, limit: usize },
-    #[error("the {0} model is not loaded on this server")]
+    #[error("no {0} is loaded on this server")]
     NotLoaded(&'static str),
-    #[error("the {0} model is still loading")]
-    NotReady(&'static str),
+    #[error("no model named {0:?} on this server")]
+    ModelNotFound(String),
+    #[error("model {name:?} does not do this: it is for {task}")]
+    WrongTask { name: String, task: &'static str },
+    #[error("model {0:?} is still loading")]
+    NotReady(String),
     #[error("{0}")]
     InvalidParameter(String),
     #[error("the server is shutting down")]
@@ -93,11 +87,13 @@ pub struct Served<I, O> {
     tuned: Arc<OnceLock<Tuned>>,
 }
 
-/// The precision a model runs in, and `auto`'s decision when it chose it.
+/// The precision a model runs in, `auto`'s decision when it chose it, and what loading and
+/// warming it up cost in resident memory.
 #[derive(Debug, Clone)]
 pub struct Tuned {
     pub precision: Precision,
     pub decision: Option<Decision>,
+    pub memory_bytes: Option<u64>,
 }
 
 impl<I, O> Served<I, O> {
@@ -122,6 +118,10 @@ impl<I, O> Served<I, O> {
 
     pub fn precision_trial(&self) -> Option<Decision> {
         self.tuned.get().and_then(|t| t.decision.clone())
+    }
+
+    pub fn memory_bytes(&self) -> Option<u64> {
+        self.tuned.get().and_then(|t| t.memory_bytes)
     }
 }
 
@@ -217,9 +217,7 @@ pub type ClassifierServed = Served<engines::ClassifyInput, Vec<Prediction>>;
 
 /// Everything the edge can ask of the models.
 pub struct Service {
-    pub detector: Option<DetectorServed>,
-    pub classifier: Option<ClassifierServed>,
-    pub classifier_preset: Preset,
+    pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     pub admission: Admission,
@@ -262,60 +260,23 @@ fn join<O, T>(
 }
 
 impl Service {
-    /// The detector, when new work is admitted and it is loaded and ready.
-    pub fn detector(&self) -> Result<&DetectorServed, ServiceError> {
+    /// The version a request for `model` (or the task's default) goes to, when new work is
+    /// admitted and it is ready. The edges ask this before reading a body, too.
+    pub fn pick(&self, model: Option<&str>, task: Task) -> Result<Arc<Version>, ServiceError> {
         if self.admission.is_draining() {
             return Err(ServiceError::Draining);
         }
-        let d = self
-            .detector
-            .as_ref()
-            .ok_or(ServiceError::NotLoaded("detector"))?;
-        if d.batcher.is_ready() {
-            Ok(d)
-        } else {
-            Err(ServiceError::NotReady("detector"))
-        }
+        self.registry.pick(model, task)
     }
 
-    pub fn classifier(&self) -> Result<&ClassifierServed, ServiceError> {
-        if self.admission.is_draining() {
-            return Err(ServiceError::Draining);
-        }
-        let c = self
-            .classifier
-            .as_ref()
-            .ok_or(ServiceError::NotLoaded("classifier"))?;
-        if c.batcher.is_ready() {
-            Ok(c)
-        } else {
-            Err(ServiceError::NotReady("classifier"))
-        }
-    }
-
-    /// Every loaded model, in the order the edges list them.
+    /// Every model, in the order the edges list them.
     pub fn models(&self) -> Vec<ModelState> {
-        fn state<I: Send + 'static, O: Send + 'static>(task: Task, s: &Served<I, O>) -> ModelState {
-            ModelState {
-                task,
-                info: s.info(),
-                ready: s.batcher.is_ready(),
-                batching: s.batcher.config(),
-                precision_trial: s.precision_trial(),
-            }
-        }
-        let detector = self.detector.iter().map(|d| state(Task::Detect, d));
-        let classifier = self.classifier.iter().map(|c| state(Task::Classify, c));
-        detector.chain(classifier).collect()
+        self.registry.list()
     }
 
-    /// Every loaded model has finished loading and warming up.
+    /// Every served model has finished loading and warming up.
     pub fn ready(&self) -> bool {
-        self.detector.as_ref().is_none_or(|d| d.batcher.is_ready())
-            && self
-                .classifier
-                .as_ref()
-                .is_none_or(|c| c.batcher.is_ready())
+        self.registry.ready()
     }
 
     /// When a request started at `started` must be answered: the server's timeout, or the
@@ -328,13 +289,17 @@ impl Service {
 
     pub async fn detect(
         &self,
+        model: Option<&str>,
         images: Vec<bytes::Bytes>,
         options: &DetectOptions,
         deadline: Instant,
     ) -> Result<Answer<Vec<NamedDetection>>, ServiceError> {
-        let served = self.detector()?;
-        let plan = options.plan(&served.labels)?;
-        let preparer = engines::DetectInput::preparer(plan.threshold);
+        let version = self.pick(model, Task::Detect)?;
+        let Loaded::Detector { served, params } = &version.model else {
+            return Err(wrong_task(&version));
+        };
+        let plan = options.plan(&served.labels, params)?;
+        let preparer = engines::DetectInput::preparer(params.resize(), plan.threshold);
         let (sizes, outputs, timing) = served
             .infer(images, &self.limits, deadline, preparer)
             .await?;
@@ -345,18 +310,29 @@ impl Service {
 
     pub async fn classify(
         &self,
+        model: Option<&str>,
         images: Vec<bytes::Bytes>,
         options: &ClassifyOptions,
         deadline: Instant,
     ) -> Result<Answer<Vec<NamedPrediction>>, ServiceError> {
-        let served = self.classifier()?;
+        let version = self.pick(model, Task::Classify)?;
+        let Loaded::Classifier { served, preset } = &version.model else {
+            return Err(wrong_task(&version));
+        };
         let top_k = options.top_k(served.info.num_classes)?;
-        let preparer = engines::ClassifyInput::preparer(self.classifier_preset, top_k);
+        let preparer = engines::ClassifyInput::preparer(*preset, top_k);
         let (sizes, outputs, timing) = served
             .infer(images, &self.limits, deadline, preparer)
             .await?;
         Ok(join(&served.info(), sizes, outputs, timing, |p| {
             served.labels.predictions(p)
         }))
+    }
+}
+
+fn wrong_task(version: &Version) -> ServiceError {
+    ServiceError::WrongTask {
+        name: version.settings.name.clone(),
+        task: version.model.task().name(),
     }
 }

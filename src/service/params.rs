@@ -5,10 +5,9 @@ use std::collections::HashSet;
 
 use super::ServiceError;
 use crate::labels::{Labels, NamedDetection};
-use crate::model::detector::MAX_DETECTIONS;
+use crate::model::detector::DetectorParams;
 use crate::model::Detection;
 
-pub const DEFAULT_SCORE_THRESHOLD: f64 = crate::model::detector::BOX_SCORE_THRESH;
 pub const DEFAULT_TOP_K: i64 = 5;
 pub const MAX_TOP_K: i64 = 1000;
 
@@ -72,21 +71,23 @@ fn label_ids(names: &[String], labels: &Labels) -> Result<HashSet<i64>, ServiceE
 }
 
 impl DetectOptions {
-    pub(crate) fn plan(&self, labels: &Labels) -> Result<DetectPlan, ServiceError> {
+    /// Checked against the model's labels; the defaults are the model's `box_score_thresh`
+    /// and `box_detections_per_img`.
+    pub(crate) fn plan(
+        &self,
+        labels: &Labels,
+        params: &DetectorParams,
+    ) -> Result<DetectPlan, ServiceError> {
         let threshold = in_range(
             "score_threshold",
             self.score_threshold,
-            DEFAULT_SCORE_THRESHOLD,
+            params.box_score_thresh,
             0.0,
             1.0,
         )?;
-        let max_detections = in_range(
-            "max_detections",
-            self.max_detections,
-            MAX_DETECTIONS,
-            1,
-            MAX_DETECTIONS,
-        )? as usize;
+        let most = params.box_detections_per_img;
+        let max_detections =
+            in_range("max_detections", self.max_detections, most, 1, most)? as usize;
         let keep = match &self.labels {
             Some(names) if !names.is_empty() => Some(label_ids(names, labels)?),
             _ => None,

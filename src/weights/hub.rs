@@ -278,6 +278,36 @@ pub fn ensure(p: &Published, dir: &Path) -> Result<PathBuf, FetchError> {
     Ok(dest)
 }
 
+/// A model's source as the server and the CLI take it: a file, a published name (fetched into
+/// `dir` if needed), or an http(s) URL with a SHA-256 (`sha256`, or torch.hub's hash in the
+/// file name), fetched into `dir` and verified.
+pub fn resolve(source: &str, sha256: Option<&str>, dir: &Path) -> Result<PathBuf, String> {
+    let path = PathBuf::from(source);
+    if path.exists() {
+        return Ok(path);
+    }
+    if let Some(p) = find(source) {
+        return ensure(&p, dir).map_err(|e| e.to_string());
+    }
+    if !(source.starts_with("http://") || source.starts_with("https://")) {
+        return Err(format!(
+            "weights {source}: no such file, nor a published name (see `detectd weights list`), nor an http(s) URL"
+        ));
+    }
+    let src = Source::from_url(source, sha256).map_err(|e| e.to_string())?;
+    if src.sha256.is_none() {
+        return Err(format!(
+            "{source}: a URL needs its sha256 (or torch.hub's name-<hash>.ext file name)"
+        ));
+    }
+    let dest = dir.join(&src.file);
+    if dest.exists() && verify(&src, &dest).is_ok() {
+        return Ok(dest);
+    }
+    fetch(&src, &dest).map_err(|e| e.to_string())?;
+    Ok(dest)
+}
+
 /// The command that fetches `p` into `dir`, and where to put the file by hand.
 fn fetch_hint(p: &Published, dir: &Path, dest: &Path) -> String {
     let cache = if dir == default_cache_dir() {

@@ -88,14 +88,23 @@ def calibrate_bn_(model, g, size):
             m.bn3.bias.data.mul_(0.3)
 
 
-def build_detector(arch, num_classes=91, frozen_eps=None):
-    """v1 'frozen' mirrors the official COCO_V1 build: FrozenBatchNorm2d, eps overwritten."""
+# FasterRCNN constructor arguments that `ref-detector` passes through (detectd's per-model keys).
+KNOBS = {
+    "min_size": int, "max_size": int, "box_score_thresh": float, "box_nms_thresh": float,
+    "box_detections_per_img": int, "rpn_pre_nms_top_n_test": int, "rpn_post_nms_top_n_test": int,
+    "rpn_nms_thresh": float,
+}
+
+
+def build_detector(arch, num_classes=91, frozen_eps=None, **knobs):
+    """v1 'frozen' mirrors the official COCO_V1 build: FrozenBatchNorm2d, eps overwritten.
+    `knobs` go to torchvision's constructor as they are."""
     if arch == "v2":
-        return fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=num_classes)
+        return fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=num_classes, **knobs)
     if frozen_eps is None:
-        return fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes)
+        return fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **knobs)
     body = torchvision.models.resnet50(norm_layer=misc_ops.FrozenBatchNorm2d)
-    model = FasterRCNN(_resnet_fpn_extractor(body, 3), num_classes=num_classes)
+    model = FasterRCNN(_resnet_fpn_extractor(body, 3), num_classes=num_classes, **knobs)
     for m in model.modules():
         if isinstance(m, misc_ops.FrozenBatchNorm2d):
             m.eps = frozen_eps
@@ -156,7 +165,8 @@ def load_rgb_u8(path):
 
 
 def cmd_ref_detector(a):
-    model = build_detector(a.arch, a.num_classes, a.frozen_eps).eval()
+    knobs = {k: getattr(a, k) for k in KNOBS if getattr(a, k) is not None}
+    model = build_detector(a.arch, a.num_classes, a.frozen_eps, **knobs).eval()
     model.load_state_dict(torch.load(a.weights))
     tensors = {}
     for i, path in enumerate(a.images):
@@ -273,6 +283,8 @@ def main():
     s.add_argument("--arch", choices=["v1", "v2"], required=True)
     s.add_argument("--num-classes", type=int, default=91)
     s.add_argument("--frozen-eps", type=float, default=None)
+    for knob, kind in KNOBS.items():
+        s.add_argument("--" + knob.replace("_", "-"), dest=knob, type=kind, default=None)
     s.add_argument("--weights", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("images", nargs="+")
