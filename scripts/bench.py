@@ -168,6 +168,48 @@ def load_test(det, cls, precision, threads, duration, connections):
     return results, rss
 
 
+INSTANCE_ARCHS = [("v1", "91", "Faster R-CNN v1 (boxes)"), ("mask-v1", "91", "Mask R-CNN v1"),
+                  ("mask-v2", "91", "Mask R-CNN v2"), ("keypoint", "2", "Keypoint R-CNN")]
+
+
+def instance_table(threads, iters, precisions):
+    """Masks and keypoints against boxes alone, one 800x1216 image: seconds for torchvision and
+    detectd (boxes only and with masks for Mask R-CNN), detections, and detectd's peak RSS.
+    Seeded weights as the tests make them (not calibrated: they find 100 detections on noise,
+    which is what masks and keypoints cost most on)."""
+    from tvref import build_detector  # noqa: E402 (tests/support on sys.path)
+    torch.set_num_threads(threads)
+    size = (800, 1216)
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, *size), generator=g, dtype=torch.uint8)
+    rows = []
+    for arch, classes, label in INSTANCE_ARCHS:
+        path = os.path.join(OUT, f"det_{arch}.pth")
+        if not os.path.exists(path):
+            sh(sys.executable, TVREF, "make-detector", "--arch", arch, "--seed", "7", "--num-classes", classes,
+               "--weights", path)
+        model = build_detector(arch, int(classes)).eval()
+        model.load_state_dict(torch.load(path))
+        with torch.inference_mode():
+            tv = time_calls(lambda: model([image.float() / 255]), iters)
+        del model
+        for pr in precisions:
+            for boxes_only in ([False, True] if arch.startswith("mask") else [False]):
+                extra = ["--boxes-only"] if boxes_only else []
+                out = json.loads(sh(BIN, "bench", "--model", "detector", "--weights", path, "--size", f"{size[0]}x{size[1]}",
+                                    "--iters", str(iters), "--threads", str(threads), "--precision", pr, "--device", "cpu",
+                                    *extra))
+                rows.append((label + (", masks off" if boxes_only else ""), pr, tv, out))
+                print(f"# {label} {pr}{' boxes only' if boxes_only else ''}: torchvision {tv:.3f}s, "
+                      f"detectd {out['seconds_per_call']:.3f}s, {out['detections']} detections, "
+                      f"peak RSS {out['peak_rss_mb']} MB", file=sys.stderr)
+    print("| model, one 800×1216 image | precision | torchvision eager fp32 | detectd | detections | detectd peak RSS |")
+    print("|---|---|---|---|---|---|")
+    for label, pr, tv, out in rows:
+        sec = out["seconds_per_call"]
+        print(f"| {label} | {pr} | {tv:.3f} s | {sec:.3f} s ({tv / sec:.2f}×) | {out['detections']} | {out['peak_rss_mb']} MB |")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -175,8 +217,14 @@ def main():
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="fewer iterations and a shorter load test")
     p.add_argument("--torchvision-only", help=argparse.SUPPRESS)
+    p.add_argument("--instances", action="store_true",
+                   help="only the Mask/Keypoint R-CNN table: their heads' cost against boxes alone")
     a = p.parse_args()
     sys.path.insert(0, os.path.join(ROOT, "tests/support"))
+    if a.instances:
+        os.makedirs(OUT, exist_ok=True)
+        instance_table(a.threads, 2 if a.quick else a.iters, [x for x in a.precisions.split(",") if x != "auto"])
+        return
     if a.torchvision_only:
         kind, path, batch, h, w, iters = a.torchvision_only.split(",")
         print(torchvision_seconds(kind, path, int(batch), (int(h), int(w)), int(iters), a.threads))

@@ -3,7 +3,8 @@
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::labels::{NamedDetection, NamedPrediction};
+use crate::labels::{NamedDetection, NamedKeypoint, NamedPrediction};
+use crate::rle::MaskShape;
 use crate::service::settings::SettingsJson;
 use crate::service::{ModelInfo, State};
 
@@ -16,6 +17,58 @@ pub struct DetectionJson {
     pub score: f32,
     pub label_id: i64,
     pub label: String,
+    /// Mask R-CNN models: the instance mask (`mask_format`: COCO RLE by default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask: Option<MaskJson>,
+    /// Keypoint R-CNN models: every keypoint, in the model's order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keypoints: Option<Vec<KeypointJson>>,
+}
+
+/// A mask: COCO's compressed RLE (`pycocotools.mask.decode` reads it as it is), or outer
+/// contours as polygons `[[x, y, x, y, ...], ...]`.
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
+#[serde(untagged)]
+pub enum MaskJson {
+    Rle {
+        /// [height, width] of the image.
+        size: [u32; 2],
+        /// COCO's compressed run-length string, column-major.
+        counts: String,
+    },
+    Polygons(Vec<Vec<f32>>),
+}
+
+impl From<MaskShape> for MaskJson {
+    fn from(m: MaskShape) -> Self {
+        match m {
+            MaskShape::Rle(r) => MaskJson::Rle {
+                size: r.size,
+                counts: r.counts,
+            },
+            MaskShape::Polygons(p) => MaskJson::Polygons(p),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
+pub struct KeypointJson {
+    pub name: String,
+    pub x: f32,
+    pub y: f32,
+    /// The keypoint's heatmap logit (torchvision's `keypoints_scores`).
+    pub score: f32,
+}
+
+impl From<NamedKeypoint> for KeypointJson {
+    fn from(k: NamedKeypoint) -> Self {
+        Self {
+            name: k.name,
+            x: k.x,
+            y: k.y,
+            score: k.score,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
@@ -32,6 +85,8 @@ impl From<NamedDetection> for DetectionJson {
             score: d.score,
             label_id: d.label_id,
             label: d.label,
+            mask: d.mask.map(Into::into),
+            keypoints: d.keypoints.map(|k| k.into_iter().map(Into::into).collect()),
         }
     }
 }
@@ -108,6 +163,15 @@ pub struct ModelStatus {
     /// The route that reaches it by name.
     pub endpoint: Option<String>,
     pub arch: Option<String>,
+    /// What each detection carries: `boxes`, and `masks` or `keypoints`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<Vec<String>>,
+    /// Keypoint models: the keypoints' names, in their order in each detection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keypoint_names: Option<Vec<String>>,
+    /// Keypoint models: the skeleton's edges as pairs of indices into `keypoint_names`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skeleton: Option<Vec<[usize; 2]>>,
     pub classes: Option<i64>,
     pub device: Option<String>,
     pub precision: Option<String>,

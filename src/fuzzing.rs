@@ -30,6 +30,7 @@ pub fn image(bytes: &[u8]) {
         &img,
         DetectorResize::default(),
         crate::model::detector::BOX_SCORE_THRESH,
+        Some(crate::model::detector::MASK_THRESHOLD),
     );
     let _ = ClassifyInput::new(&img, Preset::V2, 5);
 }

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use crate::model::{Detection, Prediction};
+use crate::rle::MaskShape;
 
 const COCO: &str = include_str!("../models/coco_categories.txt");
 const IMAGENET: &str = include_str!("../models/imagenet_categories.txt");
@@ -39,6 +40,87 @@ pub struct NamedDetection {
     pub score: f32,
     pub label_id: i64,
     pub label: String,
+    /// A Mask R-CNN's mask, in the form the request asked for.
+    pub mask: Option<MaskShape>,
+    /// A Keypoint R-CNN's keypoints, in the model's order.
+    pub keypoints: Option<Vec<NamedKeypoint>>,
+}
+
+/// A keypoint with its name, in original-image pixels; `score` is its heatmap logit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedKeypoint {
+    pub name: String,
+    pub x: f32,
+    pub y: f32,
+    pub score: f32,
+}
+
+/// COCO's person keypoints, in the order torchvision's Keypoint R-CNN predicts them.
+pub const COCO_KEYPOINTS: [&str; 17] = [
+    "nose",
+    "left_eye",
+    "right_eye",
+    "left_ear",
+    "right_ear",
+    "left_shoulder",
+    "right_shoulder",
+    "left_elbow",
+    "right_elbow",
+    "left_wrist",
+    "right_wrist",
+    "left_hip",
+    "right_hip",
+    "left_knee",
+    "right_knee",
+    "left_ankle",
+    "right_ankle",
+];
+
+/// COCO's person skeleton as pairs of indices into [`COCO_KEYPOINTS`] (COCO's annotation
+/// files list the same edges counting from 1).
+pub const COCO_SKELETON: [[usize; 2]; 19] = [
+    [15, 13],
+    [13, 11],
+    [16, 14],
+    [14, 12],
+    [11, 12],
+    [5, 11],
+    [6, 12],
+    [5, 6],
+    [5, 7],
+    [6, 8],
+    [7, 9],
+    [8, 10],
+    [1, 2],
+    [0, 1],
+    [0, 2],
+    [1, 3],
+    [2, 4],
+    [3, 5],
+    [4, 6],
+];
+
+/// The names of a Keypoint R-CNN's keypoints and the edges between them: COCO's for 17.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeypointSchema {
+    pub names: Vec<String>,
+    pub skeleton: Vec<[usize; 2]>,
+}
+
+impl KeypointSchema {
+    pub fn for_count(n: i64) -> Self {
+        if n == COCO_KEYPOINTS.len() as i64 {
+            Self {
+                names: COCO_KEYPOINTS.iter().map(|s| s.to_string()).collect(),
+                skeleton: COCO_SKELETON.to_vec(),
+            }
+        } else {
+            Self {
+                names: (0..n).map(|i| format!("keypoint_{i}")).collect(),
+                skeleton: Vec::new(),
+            }
+        }
+    }
 }
 
 /// A class prediction with its name.
@@ -153,6 +235,11 @@ impl Labels {
         Self::table(IMAGENET)
     }
 
+    /// torchvision's Keypoint R-CNN classes (`_COCO_PERSON_CATEGORIES`).
+    pub fn coco_person() -> Self {
+        Labels(vec!["no person".into(), "person".into()])
+    }
+
     /// The labels for a model with `num_classes` outputs: the file if given, else the table
     /// that fits (COCO for 91 detector classes, ImageNet for 1000), else `class_<id>`.
     pub fn for_model(
@@ -206,6 +293,8 @@ impl Labels {
             score: d.score,
             label_id: d.label,
             label: self.name(d.label).to_owned(),
+            mask: None,
+            keypoints: None,
         }
     }
 

@@ -16,5 +16,6 @@ pub mod labels;
 pub mod metrics;
 pub mod model;
 pub mod render;
+pub mod rle;
 pub mod service;
 pub mod weights;

@@ -7,11 +7,15 @@ use std::sync::OnceLock;
 
 use ab_glyph::{FontRef, PxScale};
 use image::{ImageFormat, Rgb, RgbImage};
-use imageproc::drawing::{draw_filled_rect_mut, draw_hollow_rect_mut, draw_text_mut, text_size};
+use imageproc::drawing::{
+    draw_filled_circle_mut, draw_filled_rect_mut, draw_hollow_rect_mut, draw_line_segment_mut,
+    draw_text_mut, text_size,
+};
 use imageproc::rect::Rect;
 
 use crate::imaging::{self, ImageError};
-use crate::labels::NamedDetection;
+use crate::labels::{NamedDetection, NamedKeypoint, COCO_SKELETON};
+use crate::rle::{MaskShape, Rle};
 
 /// The encodings a rendered image can be answered in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,14 +97,69 @@ pub fn encode(img: &RgbImage, format: Format) -> Result<Vec<u8>, RenderError> {
     Ok(out.into_inner())
 }
 
-/// Draws lowest score first, so the most confident boxes and tabs end up on top.
+/// Draws lowest score first, so the most confident boxes and tabs end up on top: masks
+/// translucent in the class colour, then boxes and tabs, then keypoints and their skeleton.
 pub fn draw(img: &mut RgbImage, detections: &[NamedDetection]) {
     let short = img.width().min(img.height()) as f32;
     // Lines and text grow with the image so they stay visible on large photos.
     let thickness = (short / 300.0).round().clamp(1.0, 8.0) as i32;
     let scale = PxScale::from((short / 40.0).clamp(11.0, 40.0));
     for d in detections.iter().rev() {
+        if let Some(mask) = &d.mask {
+            draw_mask(img, mask, colour(d.label_id));
+        }
         draw_one(img, d, thickness, scale);
+        if let Some(kps) = &d.keypoints {
+            draw_keypoints(img, kps, colour(d.label_id), thickness);
+        }
+    }
+}
+
+/// Half the class colour over the mask's pixels.
+fn draw_mask(img: &mut RgbImage, mask: &MaskShape, c: Rgb<u8>) {
+    let blend = |p: &mut Rgb<u8>| {
+        for (v, c) in p.0.iter_mut().zip(c.0) {
+            *v = ((*v as u16 + c as u16) / 2) as u8;
+        }
+    };
+    match mask {
+        MaskShape::Rle(coco) => {
+            let Some(b) = Rle::from_coco(coco).and_then(|r| r.block()) else {
+                return;
+            };
+            for y in 0..b.h {
+                for x in 0..b.w {
+                    let (px, py) = (b.x0 + x, b.y0 + y);
+                    if b.bits[(y * b.w + x) as usize] != 0 && px < img.width() && py < img.height()
+                    {
+                        blend(img.get_pixel_mut(px, py));
+                    }
+                }
+            }
+        }
+        MaskShape::Polygons(polys) => {
+            // Outlines only: a filled polygon would hide the image under it.
+            for p in polys {
+                let pts: Vec<(f32, f32)> = p.chunks_exact(2).map(|q| (q[0], q[1])).collect();
+                for (a, b) in pts.iter().zip(pts.iter().cycle().skip(1)) {
+                    draw_line_segment_mut(img, *a, *b, c);
+                }
+            }
+        }
+    }
+}
+
+/// Keypoints as dots, and COCO's skeleton between them for 17-keypoint models.
+fn draw_keypoints(img: &mut RgbImage, kps: &[NamedKeypoint], c: Rgb<u8>, thickness: i32) {
+    if kps.len() == 17 {
+        for [a, b] in COCO_SKELETON {
+            draw_line_segment_mut(img, (kps[a].x, kps[a].y), (kps[b].x, kps[b].y), c);
+        }
+    }
+    for k in kps {
+        let at = (k.x.round() as i32, k.y.round() as i32);
+        draw_filled_circle_mut(img, at, thickness + 2, text_colour(c));
+        draw_filled_circle_mut(img, at, thickness + 1, c);
     }
 }
 
@@ -140,6 +199,8 @@ mod tests {
             score: 0.5,
             label_id,
             label: "thing".into(),
+            mask: None,
+            keypoints: None,
         }
     }
 

@@ -135,6 +135,7 @@ fn parity_with(arch: &str, extra: &[&str], params: DetectorParams, knobs: &[&str
         let request = DetectRequest {
             image: &prepared,
             score_threshold: params.box_score_thresh,
+            mask_threshold: None,
         };
         let mut out = model.detect_traced(&[request], true).expect("detect");
         let (dets, trace) = out.remove(0);

@@ -36,6 +36,7 @@ impl Engine for FakeDetector {
             bbox: [1.0, 2.0, 3.0, 4.0],
             score: 0.9,
             label: 1,
+            ..Detection::default()
         };
         Ok(inputs.iter().map(|_| vec![person.clone()]).collect())
     }
@@ -91,6 +92,8 @@ fn app(s: Setup) -> Router {
             device: "cpu".into(),
             precision: "fp32".into(),
             num_classes: 91,
+            masks: false,
+            keypoints: None,
         };
         let served = Served::new(batcher, info, Labels::coco());
         let settings = ModelSettings::new(name, "fake", &SettingsDefaults::default());

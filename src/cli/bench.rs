@@ -55,6 +55,9 @@ pub struct BenchArgs {
     /// folder, so the trial runs).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// A Mask R-CNN without its masks (the mask head does not run): the cost of boxes alone.
+    #[arg(long)]
+    pub boxes_only: bool,
 }
 
 fn parse_size(s: &str) -> anyhow::Result<(i64, i64)> {
@@ -83,6 +86,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let images: Vec<Tensor> = (0..args.batch)
         .map(|_| Tensor::randint(256, [3, h, w], (Kind::Uint8, Device::Cpu)))
         .collect();
+    let boxes_only = args.boxes_only;
+    // Detections in the first image of the last call (masks and keypoints cost per detection).
+    let detections = std::rc::Rc::new(std::cell::Cell::new(0usize));
+    let counted = detections.clone();
     let mut call: Box<dyn FnMut() -> anyhow::Result<()>> = match args.model {
         BenchModel::Detector => {
             let config = DetectorConfig {
@@ -99,8 +106,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
                     .iter()
                     .map(prepare_detector)
                     .collect::<Result<Vec<_>, _>>()?;
-                let requests = DetectRequest::each(&prepared, BOX_SCORE_THRESH);
-                model.detect(&requests)?;
+                let mut requests = DetectRequest::each(&prepared, BOX_SCORE_THRESH);
+                if boxes_only {
+                    requests.iter_mut().for_each(|r| r.mask_threshold = None);
+                }
+                let found = model.detect(&requests)?;
+                counted.set(found.first().map_or(0, Vec::len));
                 Ok(())
             })
         }
@@ -146,6 +157,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         "images_per_second": args.batch as f64 / median,
         "times": times,
         "ops": ops,
+        "detections": detections.get(),
+        "peak_rss_mb": crate::service::memory::peak_rss_mb(),
     });
     println!("{out}");
     Ok(std::process::ExitCode::SUCCESS)

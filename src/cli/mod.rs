@@ -17,13 +17,14 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::api::{detections_json, predictions_json};
 use crate::imaging;
-use crate::labels::{Labels, NamedDetection};
-use crate::model::detector::DetectorConfig;
+use crate::labels::{KeypointSchema, Labels, NamedDetection};
+use crate::model::detector::{DetectorConfig, Family};
 use crate::model::transform::{prepare_classifier, prepare_detector, Prepared};
 use crate::model::{
     device, ArchChoice, Classifier, DetectRequest, DeviceChoice, FasterRcnn, Precision, Preset,
 };
 use crate::render;
+use crate::service::{name_detection, MaskFormat};
 use crate::weights::hub;
 use output::{ImageInfo, Sink};
 
@@ -155,6 +156,12 @@ pub struct DetectArgs {
     /// eps of v1's FrozenBatchNorm (default 0.0, as torchvision's COCO weights run).
     #[arg(long)]
     pub frozen_bn_eps: Option<f64>,
+    /// Mask models: rle (COCO's compressed RLE), polygon (outer contours) or none.
+    #[arg(long, default_value = "rle", value_parser = ["rle", "polygon", "none"])]
+    pub mask_format: String,
+    /// Mask models: the probability a pixel must exceed to be in the mask (0..=1).
+    #[arg(long, default_value_t = crate::model::detector::MASK_THRESHOLD, value_parser = unit_interval)]
+    pub mask_threshold: f64,
     /// Also write each image with its boxes drawn under DIR, at its path as given.
     #[arg(long, value_name = "DIR")]
     pub render_dir: Option<PathBuf>,
@@ -436,21 +443,37 @@ fn detect(args: DetectArgs) -> anyhow::Result<ExitCode> {
     };
     let model = FasterRcnn::load(&resolve_weights(&args.weights, &args.cache)?, &config)?;
     crate::alloc::tune_for_tensors();
-    let labels = Labels::for_model(args.labels.as_deref(), model.num_classes, Labels::coco)?;
+    let default_labels = match model.family {
+        Family::KeypointRcnn => Labels::coco_person,
+        _ => Labels::coco,
+    };
+    let labels = Labels::for_model(args.labels.as_deref(), model.num_classes, default_labels)?;
+    let mask_format = MaskFormat::parse(Some(&args.mask_format))?;
+    let mask_threshold = (mask_format != MaskFormat::None).then_some(args.mask_threshold);
+    let keypoints = model.num_keypoints().map(KeypointSchema::for_count);
     let failed = for_each_image(
         &args.batch,
         args.render_dir.is_some(),
         |img| prepare_detector(&img.tensor),
-        |images: &[Prepared]| Ok(model.detect(&DetectRequest::each(images, args.score_threshold))?),
+        |images: &[Prepared]| {
+            let mut requests = DetectRequest::each(images, args.score_threshold);
+            requests
+                .iter_mut()
+                .for_each(|r| r.mask_threshold = mask_threshold);
+            Ok(model.detect(&requests)?)
+        },
         |image, dets| {
-            let dets: Vec<NamedDetection> = dets.iter().map(|d| labels.detection(d)).collect();
+            let dets: Vec<NamedDetection> = dets
+                .iter()
+                .map(|d| name_detection(d, &labels, mask_format, keypoints.as_ref()))
+                .collect();
             if let Some(dir) = &args.render_dir {
                 render_copy(dir, image, &dets)?;
             }
             sink.detections(&image.info(), &detections_json(dets))
         },
     )?;
-    sink.finish(&labels)?;
+    sink.finish(&labels, keypoints.as_ref())?;
     Ok(exit_code(failed))
 }
 
@@ -481,6 +504,6 @@ fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
             sink.predictions(&image.info(), &preds)
         },
     )?;
-    sink.finish(&labels)?;
+    sink.finish(&labels, None)?;
     Ok(exit_code(failed))
 }

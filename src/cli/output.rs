@@ -8,7 +8,7 @@ use clap::ValueEnum;
 use serde_json::{json, Value};
 
 use crate::api::{DetectionJson, PredictionJson};
-use crate::labels::Labels;
+use crate::labels::{KeypointSchema, Labels};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -99,13 +99,25 @@ impl Sink {
         }));
         results.extend(dets.iter().map(|d| {
             let [x1, y1, x2, y2] = d.bbox;
-            json!({"image_id": id, "category_id": d.label_id, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": d.score})
-        }));
+            let mut r = json!({"image_id": id, "category_id": d.label_id, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": d.score});
+            // COCO's segmentation results: the RLE (or polygons) as the answer carries them.
+            if let Some(mask) = &d.mask {
+                r["segmentation"] = serde_json::to_value(mask)?;
+            }
+            // COCO's keypoint results: x, y, v per keypoint (v = 1, as torchvision writes).
+            if let Some(kps) = &d.keypoints {
+                let flat: Vec<f32> = kps.iter().flat_map(|k| [k.x, k.y, 1.0]).collect();
+                r["keypoints"] = json!(flat);
+            }
+            Ok(r)
+        }).collect::<anyhow::Result<Vec<Value>>>()?);
         Ok(())
     }
 
     /// Flushes JSON lines, or writes the COCO files; `labels` names the categories.
-    pub fn finish(self, labels: &Labels) -> anyhow::Result<()> {
+    /// Keypoint models' categories carry COCO's `keypoints` and 1-based `skeleton`, which
+    /// `COCOeval(iouType="keypoints")` reads.
+    pub fn finish(self, labels: &Labels, keypoints: Option<&KeypointSchema>) -> anyhow::Result<()> {
         match self {
             Sink::Jsonl(mut out) => Ok(out.flush()?),
             Sink::Coco {
@@ -115,7 +127,16 @@ impl Sink {
             } => {
                 let categories: Vec<Value> = (1..labels.len() as i64)
                     .filter(|&i| !matches!(labels.name(i), "N/A" | "__background__"))
-                    .map(|i| json!({"id": i, "name": labels.name(i)}))
+                    .map(|i| {
+                        let mut c = json!({"id": i, "name": labels.name(i)});
+                        if let Some(k) = keypoints {
+                            c["keypoints"] = json!(k.names);
+                            let edges: Vec<[usize; 2]> =
+                                k.skeleton.iter().map(|[a, b]| [a + 1, b + 1]).collect();
+                            c["skeleton"] = json!(edges);
+                        }
+                        c
+                    })
                     .collect();
                 let listing = json!({"images": images, "categories": categories});
                 write_json(&output, &Value::Array(results))?;

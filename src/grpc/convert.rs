@@ -4,6 +4,7 @@
 use super::pb;
 use crate::labels::{NamedDetection, NamedPrediction};
 use crate::model::Named;
+use crate::rle::MaskShape;
 use crate::service::{
     Answer, ClassifyOptions, DetectOptions, ModelInfo, ModelState, Service, Task,
 };
@@ -20,15 +21,22 @@ pub fn version(info: &ModelInfo) -> pb::ModelVersion {
     }
 }
 
-pub fn detect_options(
-    score_threshold: f32,
-    max_detections: u32,
-    labels: Vec<String>,
-) -> DetectOptions {
+/// A Detect or DetectBatch request's options.
+pub struct DetectFields {
+    pub score_threshold: f32,
+    pub max_detections: u32,
+    pub labels: Vec<String>,
+    pub mask_format: String,
+    pub mask_threshold: f32,
+}
+
+pub fn detect_options(r: DetectFields) -> DetectOptions {
     DetectOptions {
-        score_threshold: (score_threshold != 0.0).then_some(f64::from(score_threshold)),
-        max_detections: (max_detections != 0).then_some(i64::from(max_detections)),
-        labels: (!labels.is_empty()).then_some(labels),
+        score_threshold: (r.score_threshold != 0.0).then_some(f64::from(r.score_threshold)),
+        max_detections: (r.max_detections != 0).then_some(i64::from(r.max_detections)),
+        labels: (!r.labels.is_empty()).then_some(r.labels),
+        mask_format: (!r.mask_format.is_empty()).then_some(r.mask_format),
+        mask_threshold: (r.mask_threshold != 0.0).then_some(f64::from(r.mask_threshold)),
     }
 }
 
@@ -48,6 +56,33 @@ fn detection(d: NamedDetection) -> pb::Detection {
         score: d.score,
         label_id: d.label_id as u32,
         label: d.label,
+        mask: d.mask.map(mask),
+        keypoints: d
+            .keypoints
+            .unwrap_or_default()
+            .into_iter()
+            .map(|k| pb::Keypoint {
+                name: k.name,
+                x: k.x,
+                y: k.y,
+                score: k.score,
+            })
+            .collect(),
+    }
+}
+
+fn mask(m: MaskShape) -> pb::Mask {
+    match m {
+        MaskShape::Rle(r) => pb::Mask {
+            height: r.size[0],
+            width: r.size[1],
+            counts: r.counts,
+            polygons: Vec::new(),
+        },
+        MaskShape::Polygons(p) => pb::Mask {
+            polygons: p.into_iter().map(|xy| pb::Polygon { xy }).collect(),
+            ..Default::default()
+        },
     }
 }
 
@@ -94,6 +129,10 @@ fn model(m: ModelState) -> pb::Model {
     let b = m.batching;
     let info = m.info.as_ref();
     let text = |f: fn(&ModelInfo) -> &String| info.map(f).cloned().unwrap_or_default();
+    let outputs = info
+        .filter(|_| m.task == Some(Task::Detect))
+        .map(ModelInfo::outputs);
+    let keypoints = info.and_then(|i| i.keypoints.as_ref());
     pb::Model {
         name: m.name.clone(),
         rpc: rpc.into(),
@@ -124,6 +163,19 @@ fn model(m: ModelState) -> pb::Model {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         draining: m.draining,
+        outputs: outputs.unwrap_or_default(),
+        keypoint_names: keypoints.map(|k| k.names.clone()).unwrap_or_default(),
+        skeleton: keypoints
+            .map(|k| {
+                k.skeleton
+                    .iter()
+                    .map(|&[from, to]| pb::Edge {
+                        from: from as u32,
+                        to: to as u32,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 

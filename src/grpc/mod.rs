@@ -108,7 +108,13 @@ impl Detector for DetectorApi {
     ) -> Result<Response<pb::DetectResponse>, Status> {
         let timeout = client_timeout(&request);
         let r = request.into_inner();
-        let options = convert::detect_options(r.score_threshold, r.max_detections, r.labels);
+        let options = convert::detect_options(convert::DetectFields {
+            score_threshold: r.score_threshold,
+            max_detections: r.max_detections,
+            labels: r.labels,
+            mask_format: r.mask_format,
+            mask_threshold: r.mask_threshold,
+        });
         let model = convert::model_name(r.model);
         let answer = self
             .call("Detect", timeout, |s, deadline| async move {
@@ -161,7 +167,13 @@ impl Detector for DetectorApi {
         if r.images.is_empty() {
             return Err(Status::invalid_argument("the request holds no image"));
         }
-        let options = convert::detect_options(r.score_threshold, r.max_detections, r.labels);
+        let options = convert::detect_options(convert::DetectFields {
+            score_threshold: r.score_threshold,
+            max_detections: r.max_detections,
+            labels: r.labels,
+            mask_format: r.mask_format,
+            mask_threshold: r.mask_threshold,
+        });
         let model = convert::model_name(r.model);
         let images = r.images.into_iter().map(Into::into).collect();
         let answer = self

@@ -328,6 +328,10 @@ pub(super) fn model_status(m: ModelState) -> ModelStatus {
     });
     let b = m.batching;
     let info = m.info;
+    let outputs = match (&info, m.task) {
+        (Some(i), Some(Task::Detect)) => Some(i.outputs()),
+        _ => None,
+    };
     ModelStatus {
         name: m.name,
         version: m.version,
@@ -337,6 +341,13 @@ pub(super) fn model_status(m: ModelState) -> ModelStatus {
         default: m.default,
         endpoint,
         arch: info.as_ref().map(|i| i.arch.clone()),
+        outputs,
+        keypoint_names: info
+            .as_ref()
+            .and_then(|i| i.keypoints.as_ref().map(|k| k.names.clone())),
+        skeleton: info
+            .as_ref()
+            .and_then(|i| i.keypoints.as_ref().map(|k| k.skeleton.clone())),
         classes: info.as_ref().map(|i| i.num_classes),
         device: info.as_ref().map(|i| i.device.clone()),
         precision: info.as_ref().map(|i| i.precision.clone()),

@@ -40,6 +40,14 @@ pub struct DetectParams {
     /// of JSON.
     #[param(example = "png")]
     pub render: Option<String>,
+    /// Mask models: `rle` (COCO's compressed RLE, the default), `polygon` (outer contours) or
+    /// `none` (no masks; the mask head does not run).
+    #[param(example = "rle")]
+    pub mask_format: Option<String>,
+    /// Mask models: the probability a pixel must exceed to be in the mask (default 0.5).
+    #[param(minimum = 0.0, maximum = 1.0)]
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub mask_threshold: Option<f64>,
 }
 
 /// Parameters of /classify.
@@ -89,6 +97,8 @@ impl Params for DetectParams {
             max_detections: self.max_detections.or(other.max_detections),
             labels: self.labels.or(other.labels),
             render: self.render.or(other.render),
+            mask_format: self.mask_format.or(other.mask_format),
+            mask_threshold: self.mask_threshold.or(other.mask_threshold),
         }
     }
 }
@@ -108,6 +118,8 @@ impl From<DetectParams> for DetectOptions {
             score_threshold: p.score_threshold,
             max_detections: p.max_detections,
             labels: p.labels.map(|l| l.names()),
+            mask_format: p.mask_format,
+            mask_threshold: p.mask_threshold,
         }
     }
 }

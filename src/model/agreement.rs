@@ -118,7 +118,12 @@ mod tests {
     use super::*;
 
     fn det(bbox: [f32; 4], score: f32, label: i64) -> Detection {
-        Detection { bbox, score, label }
+        Detection {
+            bbox,
+            score,
+            label,
+            ..Detection::default()
+        }
     }
 
     #[test]

@@ -6,12 +6,19 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 use super::fpn::Fpn;
+use super::instance::{
+    heatmap_to_keypoints, mask_probabilities, paste_boxes, paste_mask, KeypointBranch, MaskBranch,
+    POOL as INSTANCE_POOL,
+};
 use super::layers::{Compute, NormKind};
 use super::resnet::ResNetBody;
-use super::roi_heads::{multiscale_roi_align, postprocess, BoxHead, Predictor, RawDetections};
+use super::roi_heads::{
+    multiscale_roi_align, postprocess, BoxHead, Predictor, RawDetections, POOL as BOX_POOL,
+};
 use super::rpn::{propose, RpnHead};
 use super::transform::{pad_batch, DetectorResize, Prepared};
-use super::{guard, ModelError};
+use super::{guard, ModelError, Named};
+use crate::rle::Rle;
 use crate::weights::{Loader, StateDict, WeightsError};
 
 /// torchvision's `box_detections_per_img` default.
@@ -20,6 +27,9 @@ pub const MAX_DETECTIONS: i64 = 100;
 /// before NMS. The default everywhere a score threshold is not given (server, CLI, bench,
 /// compare).
 pub const BOX_SCORE_THRESH: f64 = 0.05;
+/// The probability a pasted mask pixel must exceed to be in the mask (torchvision's
+/// `mask_threshold` in its reference scripts and COCO evaluation: `masks > 0.5`).
+pub const MASK_THRESHOLD: f64 = 0.5;
 
 /// The arguments of torchvision's `FasterRCNN` constructor that change its answers at
 /// inference, under torchvision's names, with its defaults. A model built with other values
@@ -79,6 +89,22 @@ pub enum ArchChoice {
 }
 
 super::named::named!(Arch { V1 => "v1", V2 => "v2" });
+
+/// Which member of torchvision's R-CNN family: what the RoI heads add to boxes. Read from
+/// the checkpoint's keys (a mask or a keypoint predictor).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    FasterRcnn,
+    MaskRcnn,
+    KeypointRcnn,
+}
+
+super::named::named!(Family {
+    FasterRcnn => "fasterrcnn",
+    MaskRcnn => "maskrcnn",
+    KeypointRcnn => "keypointrcnn",
+});
 super::named::named!(ArchChoice { Auto => "auto", V1 => "v1", V2 => "v2" });
 
 #[derive(Clone, Debug)]
@@ -94,6 +120,7 @@ pub struct DetectorConfig {
 
 pub struct FasterRcnn {
     pub arch: Arch,
+    pub family: Family,
     pub num_classes: i64,
     pub norm: NormKind,
     pub device: Device,
@@ -110,20 +137,38 @@ pub struct FasterRcnn {
     rpn: RpnHead,
     box_head: BoxHead,
     predictor: Predictor,
+    mask: Option<MaskBranch>,
+    keypoints: Option<KeypointBranch>,
 }
 
 /// One image's detections in original-image pixels, best first.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct Detection {
     pub bbox: [f32; 4],
     pub score: f32,
     pub label: i64,
+    /// Mask R-CNN: the pasted mask above the request's threshold, over the whole image.
+    pub mask: Option<Rle>,
+    /// Keypoint R-CNN: each keypoint in the model's order.
+    pub keypoints: Option<Vec<Keypoint>>,
+}
+
+/// A keypoint in original-image pixels, scored by its heatmap's value there (a logit).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Keypoint {
+    pub x: f32,
+    pub y: f32,
+    pub score: f32,
 }
 
 /// Intermediate results kept for parity tests.
 pub struct Trace {
     pub proposals: Tensor,
     pub roi_features: Tensor,
+    /// Mask R-CNN's mask logits `[K, classes, 28, 28]`.
+    pub mask_logits: Option<Tensor>,
+    /// Keypoint R-CNN's heatmaps `[K, keypoints, 56, 56]`.
+    pub keypoint_logits: Option<Tensor>,
 }
 
 /// One image's detections with, when asked for, its intermediate results.
@@ -133,6 +178,8 @@ pub type Traced = (Vec<Detection>, Option<Trace>);
 pub struct DetectRequest<'a> {
     pub image: &'a Prepared,
     pub score_threshold: f64,
+    /// A mask model's pixel threshold; None: no masks (the mask head does not run).
+    pub mask_threshold: Option<f64>,
 }
 
 impl<'a> DetectRequest<'a> {
@@ -143,6 +190,7 @@ impl<'a> DetectRequest<'a> {
             .map(|image| DetectRequest {
                 image,
                 score_threshold,
+                mask_threshold: Some(MASK_THRESHOLD),
             })
             .collect()
     }
@@ -153,13 +201,23 @@ impl FasterRcnn {
         let mut sd = StateDict::load(path)?;
         rename_legacy_keys(&mut sd);
         let arch = detect_arch(&sd, config.arch)?;
+        let family = family_of(&sd);
+        // A Keypoint R-CNN's predictor weight is `[512, keypoints, 4, 4]`.
+        let num_keypoints = sd.shape(KEYPOINT_PREDICTOR).map(|s| s[1]);
         let num_classes = sd
             .shape("roi_heads.box_predictor.cls_score.weight")
             .map(|s| s[0])
             .ok_or_else(|| unrecognized(&sd, "no roi_heads.box_predictor.cls_score.weight"))?;
         let norm = body_norm(&sd, arch, config.frozen_bn_eps);
         let loader = Loader::new(sd, &format!("Faster R-CNN {arch:?}"), config.device);
-        let model = Self::build(&loader, arch, num_classes, norm, config.device);
+        let model = Self::build(
+            &loader,
+            (arch, family),
+            num_classes,
+            num_keypoints,
+            norm,
+            config.device,
+        );
         loader.finish()?;
         let mut model = model;
         model.params = config.params;
@@ -171,8 +229,9 @@ impl FasterRcnn {
 
     fn build(
         loader: &Loader,
-        arch: Arch,
+        (arch, family): (Arch, Family),
         num_classes: i64,
+        num_keypoints: Option<i64>,
         norm: NormKind,
         device: Device,
     ) -> Self {
@@ -181,6 +240,7 @@ impl FasterRcnn {
         let roi = root.sub("roi_heads");
         Self {
             arch,
+            family,
             num_classes,
             norm,
             device,
@@ -202,7 +262,20 @@ impl FasterRcnn {
                 Arch::V2 => BoxHead::load_conv(&roi.sub("box_head")),
             },
             predictor: Predictor::load(&roi.sub("box_predictor"), num_classes),
+            mask: (family == Family::MaskRcnn)
+                .then(|| MaskBranch::load(&roi, num_classes, fpn_norm)),
+            keypoints: num_keypoints.map(|n| KeypointBranch::load(&roi, n)),
         }
+    }
+
+    /// torchvision's builder name, e.g. `maskrcnn_resnet50_fpn_v2` (v1 named `_v1`).
+    pub fn arch_name(&self) -> String {
+        format!("{}_resnet50_fpn_{}", self.family.name(), self.arch.name())
+    }
+
+    /// Keypoints per detection, for a Keypoint R-CNN.
+    pub fn num_keypoints(&self) -> Option<i64> {
+        self.keypoints.as_ref().map(|k| k.num_keypoints)
     }
 
     /// Casts and lays out the weights for `c` (folding norms if asked); the pre- and
@@ -213,6 +286,12 @@ impl FasterRcnn {
         self.rpn.prepare(c);
         self.box_head.prepare(c);
         self.predictor.prepare(c);
+        if let Some(m) = &mut self.mask {
+            m.prepare(c);
+        }
+        if let Some(k) = &mut self.keypoints {
+            k.prepare(c);
+        }
         self.compute = c;
     }
 
@@ -274,7 +353,8 @@ impl FasterRcnn {
             .map(|(b, r)| {
                 let per_image: Vec<Tensor> =
                     features[..4].iter().map(|f| f.get(b as i64)).collect();
-                let pooled = multiscale_roi_align(&per_image, &proposals[b], r.image.resized);
+                let pooled =
+                    multiscale_roi_align(&per_image, &proposals[b], r.image.resized, BOX_POOL);
                 let x = self.box_head.forward(&pooled);
                 let logits = self.predictor.cls_score.forward(&x).to_kind(Kind::Float);
                 let deltas = self.predictor.bbox_pred.forward(&x).to_kind(Kind::Float);
@@ -286,10 +366,15 @@ impl FasterRcnn {
                     r.score_threshold,
                     &self.params,
                 );
-                let dets = to_original(&raw, r.image);
+                let boxes = original_boxes(&raw.boxes, r.image);
+                let mut dets = to_detections(&boxes, &raw);
+                let (mask_logits, keypoint_logits) =
+                    self.instances(&per_image, &raw, &boxes, r, &mut dets);
                 let t = trace.then(|| Trace {
                     proposals: proposals[b].shallow_clone(),
                     roi_features: pooled,
+                    mask_logits,
+                    keypoint_logits,
                 });
                 (dets, t)
             })
@@ -297,14 +382,79 @@ impl FasterRcnn {
     }
 }
 
-/// Boxes back to original pixels: per-axis ratios `f32(original) / f32(resized)`.
-fn to_original(raw: &RawDetections, image: &Prepared) -> Vec<Detection> {
+impl FasterRcnn {
+    /// Mask R-CNN's masks and Keypoint R-CNN's keypoints for the final detections, as
+    /// torchvision's RoIHeads and `postprocess` make them; the logits for a trace.
+    fn instances(
+        &self,
+        features: &[Tensor],
+        raw: &RawDetections,
+        boxes: &Tensor,
+        request: &DetectRequest,
+        dets: &mut [Detection],
+    ) -> (Option<Tensor>, Option<Tensor>) {
+        if dets.is_empty() {
+            return (None, None);
+        }
+        let image = request.image;
+        let pool = || multiscale_roi_align(features, &raw.boxes, image.resized, INSTANCE_POOL);
+        let mask_logits = match (&self.mask, request.mask_threshold) {
+            (Some(branch), Some(threshold)) => {
+                let logits = branch.forward(&pool());
+                let probs = mask_probabilities(&logits, &raw.labels);
+                let size = probs.size()[1];
+                let pixel_boxes = paste_boxes(boxes, size).to_device(Device::Cpu);
+                let pixel_boxes = Vec::<i64>::try_from(pixel_boxes.reshape([-1])).expect("i64");
+                for (i, (det, b)) in dets.iter_mut().zip(pixel_boxes.chunks_exact(4)).enumerate() {
+                    let b = [b[0], b[1], b[2], b[3]];
+                    let pasted = paste_mask(&probs.get(i as i64), b, image.original, threshold);
+                    det.mask = Some(pasted.to_rle(image.original));
+                }
+                Some(logits)
+            }
+            _ => None,
+        };
+        let keypoint_logits = self.keypoints.as_ref().map(|branch| {
+            let maps = branch.forward(&pool());
+            let ratios = Tensor::from_slice(&ratios(image)[..2]).to_device(maps.device());
+            for (i, det) in dets.iter_mut().enumerate() {
+                let i = i as i64;
+                let kp = heatmap_to_keypoints(&maps.get(i), &raw.boxes.get(i));
+                let xy = (kp.xy * &ratios).to_device(Device::Cpu);
+                let xy = Vec::<f32>::try_from(xy.reshape([-1])).expect("f32 keypoints");
+                let scores = Vec::<f32>::try_from(kp.scores.to_device(Device::Cpu)).expect("f32");
+                det.keypoints = Some(
+                    xy.chunks_exact(2)
+                        .zip(scores)
+                        .map(|(p, score)| Keypoint {
+                            x: p[0],
+                            y: p[1],
+                            score,
+                        })
+                        .collect(),
+                );
+            }
+            maps
+        });
+        (mask_logits, keypoint_logits)
+    }
+}
+
+/// `resize_boxes`' per-axis ratios `f32(original) / f32(resized)`, as `[w, h, w, h]`.
+fn ratios(image: &Prepared) -> [f32; 4] {
     let ratio_h = image.original.0 as f32 / image.resized.0 as f32;
     let ratio_w = image.original.1 as f32 / image.resized.1 as f32;
-    let ratios =
-        Tensor::from_slice(&[ratio_w, ratio_h, ratio_w, ratio_h]).to_device(raw.boxes.device());
-    let boxes = (&raw.boxes * ratios).to_device(Device::Cpu);
-    let boxes = Vec::<f32>::try_from(boxes.reshape([-1])).expect("f32 boxes");
+    [ratio_w, ratio_h, ratio_w, ratio_h]
+}
+
+/// Boxes `[K, 4]` back to original pixels.
+fn original_boxes(boxes: &Tensor, image: &Prepared) -> Tensor {
+    boxes * Tensor::from_slice(&ratios(image)).to_device(boxes.device())
+}
+
+fn to_detections(boxes: &Tensor, raw: &RawDetections) -> Vec<Detection> {
+    let boxes =
+        Vec::<f32>::try_from(boxes.to_device(Device::Cpu).reshape([-1])).expect("f32 boxes");
     let scores = Vec::<f32>::try_from(raw.scores.to_device(Device::Cpu)).expect("f32 scores");
     let labels = Vec::<i64>::try_from(raw.labels.to_device(Device::Cpu)).expect("i64 labels");
     boxes
@@ -315,6 +465,7 @@ fn to_original(raw: &RawDetections, image: &Prepared) -> Vec<Detection> {
             bbox: [b[0], b[1], b[2], b[3]],
             score,
             label,
+            ..Detection::default()
         })
         .collect()
 }
@@ -339,6 +490,15 @@ pub fn rename_legacy_keys(sd: &mut StateDict) {
             }
         }
     }
+    // MaskRCNNHeads before its _version 2: `mask_fcn{i+1}` for `{i}.0`.
+    for i in 0..4 {
+        for param in ["weight", "bias"] {
+            let old = format!("roi_heads.mask_head.mask_fcn{}.{param}", i + 1);
+            if sd.has(&old) {
+                sd.rename_prefix(&old, &format!("roi_heads.mask_head.{i}.0.{param}"));
+            }
+        }
+    }
     for param in ["weight", "bias"] {
         let old = format!("rpn.head.conv.{param}");
         if sd.has(&old) {
@@ -346,6 +506,18 @@ pub fn rename_legacy_keys(sd: &mut StateDict) {
         }
     }
 }
+
+fn family_of(sd: &StateDict) -> Family {
+    if sd.has("roi_heads.mask_predictor.mask_fcn_logits.weight") {
+        Family::MaskRcnn
+    } else if sd.has(KEYPOINT_PREDICTOR) {
+        Family::KeypointRcnn
+    } else {
+        Family::FasterRcnn
+    }
+}
+
+const KEYPOINT_PREDICTOR: &str = "roi_heads.keypoint_predictor.kps_score_lowres.weight";
 
 fn detect_arch(sd: &StateDict, choice: ArchChoice) -> Result<Arch, WeightsError> {
     let found = if sd.has("roi_heads.box_head.fc6.weight") {

@@ -7,6 +7,7 @@ pub mod classifier;
 pub mod detector;
 pub mod device;
 pub mod fpn;
+pub mod instance;
 pub mod layers;
 mod named;
 pub mod ops;

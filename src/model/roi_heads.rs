@@ -10,7 +10,8 @@ use super::ops::boxes::{area, clip_to_image, remove_small, BoxCoder};
 use super::ops::{batched_nms, roi_align};
 use crate::weights::VarPath;
 
-const POOL: i64 = 7;
+/// Output size of the box head's RoIAlign.
+pub const POOL: i64 = 7;
 const SAMPLING_RATIO: i64 = 2;
 const REPRESENTATION: i64 = 1024;
 const MIN_SIZE: f64 = 1e-2;
@@ -25,7 +26,7 @@ pub struct RawDetections {
     pub labels: Tensor,
 }
 
-/// MultiScaleRoIAlign over P2..P5 for one image. The level scales are inferred from this
+/// MultiScaleRoIAlign over P2..P5 for one image, `pool × pool` per box (sampling ratio 2). The level scales are inferred from this
 /// image's own size: torchvision infers them from the first batch it sees and caches them;
 /// for one image processed alone the two agree, and detectd's results must not depend on
 /// which image came first.
@@ -33,6 +34,7 @@ pub fn multiscale_roi_align(
     features: &[Tensor],
     proposals: &Tensor,
     (h, _w): (i64, i64),
+    pool: i64,
 ) -> Tensor {
     let scales: Vec<f64> = features
         .iter()
@@ -45,7 +47,7 @@ pub fn multiscale_roi_align(
     let k = proposals.size()[0];
     // Pooled features are f32 whatever the features' dtype: RoIAlign interpolates in f32.
     let mut result = Tensor::zeros(
-        [k, FPN_CHANNELS, POOL, POOL],
+        [k, FPN_CHANNELS, pool, pool],
         (Kind::Float, features[0].device()),
     );
     for (level, (feature, &scale)) in features.iter().zip(&scales).enumerate() {
@@ -57,7 +59,7 @@ pub fn multiscale_roi_align(
             feature,
             &proposals.index_select(0, &idx),
             scale,
-            POOL,
+            pool,
             SAMPLING_RATIO,
         );
         let _ = result.index_copy_(0, &idx, &pooled);

@@ -10,12 +10,12 @@ use super::memory;
 use super::{ModelInfo, Preparer, Served, Tuned};
 use crate::batch::{BatchConfig, Batcher, Engine, ModelLabels};
 use crate::imaging::RgbImage;
-use crate::labels::Labels;
+use crate::labels::{KeypointSchema, Labels};
 use crate::metrics::Metrics;
 use crate::model::agreement::{ClassAgreement, DetectionAgreement};
 use crate::model::autotune::{self, candidates, time_passes, Decision, DecisionCache, TrialKey};
 use crate::model::classifier::CROP;
-use crate::model::detector::{DetectorConfig, DetectorParams};
+use crate::model::detector::{DetectorConfig, DetectorParams, Family, MASK_THRESHOLD};
 use crate::model::transform::{
     check_classifier, classifier_size, prepare_classifier, DetectorResize, Prepared,
 };
@@ -30,6 +30,7 @@ use crate::model::{
 pub struct DetectInput {
     prepared: Prepared,
     score_threshold: f64,
+    mask_threshold: Option<f64>,
 }
 
 impl DetectInput {
@@ -37,18 +38,24 @@ impl DetectInput {
         img: &RgbImage,
         resize: DetectorResize,
         score_threshold: f64,
+        mask_threshold: Option<f64>,
     ) -> Result<Self, ModelError> {
         Ok(Self {
             prepared: resize.prepare(&img.tensor)?,
             score_threshold,
+            mask_threshold,
         })
     }
 
-    pub(crate) fn preparer(resize: DetectorResize, score_threshold: f64) -> Preparer<Self> {
+    pub(crate) fn preparer(
+        resize: DetectorResize,
+        score_threshold: f64,
+        mask_threshold: Option<f64>,
+    ) -> Preparer<Self> {
         Preparer {
             check: Box::new(move |h, w| resize.check(h, w)),
             resized_pixels: Box::new(move |h, w| pixels(resize.size(h, w))),
-            prepare: Arc::new(move |img| Self::new(img, resize, score_threshold)),
+            prepare: Arc::new(move |img| Self::new(img, resize, score_threshold, mask_threshold)),
         }
     }
 }
@@ -92,6 +99,7 @@ impl Engine for DetectorEngine {
             .map(|i| DetectRequest {
                 image: &i.prepared,
                 score_threshold: i.score_threshold,
+                mask_threshold: i.mask_threshold,
             })
             .collect();
         self.0.detect(&requests)
@@ -339,11 +347,12 @@ fn detector_plan(
     let (model, loaded_bytes) =
         memory::measured(|| FasterRcnn::load(&spec.weights, &detector_config(&spec, first)));
     let model = model?;
-    let labels = Labels::for_model(spec.labels.as_deref(), model.num_classes, Labels::coco)?;
-    let arch = format!(
-        "fasterrcnn_resnet50_fpn_{}",
-        format!("{:?}", model.arch).to_lowercase()
-    );
+    let default_labels = match model.family {
+        Family::KeypointRcnn => Labels::coco_person,
+        _ => Labels::coco,
+    };
+    let labels = Labels::for_model(spec.labels.as_deref(), model.num_classes, default_labels)?;
+    let arch = model.arch_name();
     let info = ModelInfo {
         name: spec.name.clone(),
         version: spec.version,
@@ -351,6 +360,8 @@ fn detector_plan(
         device: device_name(spec.device),
         precision: spec.precision.name().into(),
         num_classes: model.num_classes,
+        masks: model.family == Family::MaskRcnn,
+        keypoints: model.num_keypoints().map(KeypointSchema::for_count),
     };
     let per_run = batch.max_batch_size.min(model.images_per_forward).max(1);
     let trial = plan_trial(
@@ -387,7 +398,8 @@ fn detector_plan(
         trial,
         per_run,
         images,
-        input: Box::new(move |img| DetectInput::new(img, resize, score)),
+        // Masks too, so that a mask model's warm-up (and its measured memory) includes them.
+        input: Box::new(move |img| DetectInput::new(img, resize, score, Some(MASK_THRESHOLD))),
         agree: Box::new(agree),
         loaded_bytes,
     };
@@ -539,6 +551,8 @@ fn classifier_plan(
         device: device_name(spec.device),
         precision: spec.precision.name().into(),
         num_classes: model.num_classes,
+        masks: false,
+        keypoints: None,
     };
     let per_run = batch.max_batch_size;
     let trial = plan_trial(

@@ -20,6 +20,11 @@ pub fn rss() -> Option<u64> {
     status_bytes("VmRSS:")
 }
 
+/// The process's peak resident memory so far, in MiB (`detectd bench` reports it).
+pub fn peak_rss_mb() -> Option<u64> {
+    status_bytes("VmHWM:").map(|b| b >> 20)
+}
+
 /// Runs `f` and returns, with its result, how far the peak RSS rose above the RSS before it
 /// (None where /proc cannot tell).
 pub fn measured<T>(f: impl FnOnce() -> T) -> (T, Option<u64>) {

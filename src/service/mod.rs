@@ -5,7 +5,7 @@
 mod admission;
 mod decoding;
 mod engines;
-mod memory;
+pub mod memory;
 mod params;
 pub mod registry;
 pub mod settings;
@@ -31,7 +31,9 @@ pub use engines::{
     start_classifier, start_detector, trial_images, tune_classifier, tune_detector, ClassifierSpec,
     ClassifyInput, DetectInput, DetectorSpec,
 };
-pub use params::{ClassifyOptions, DetectOptions, DEFAULT_TOP_K, MAX_TOP_K};
+pub use params::{
+    name_detection, ClassifyOptions, DetectOptions, MaskFormat, DEFAULT_TOP_K, MAX_TOP_K,
+};
 pub use registry::{
     LoadContext, LoadError, Loaded, ModelState, Registry, Started, Starting, State, Version,
 };
@@ -47,6 +49,26 @@ pub struct ModelInfo {
     pub device: String,
     pub precision: String,
     pub num_classes: i64,
+    /// A Mask R-CNN: detections carry masks. (`/v1/models` lists outputs; answers do not.)
+    #[serde(skip)]
+    pub masks: bool,
+    /// A Keypoint R-CNN: its keypoints' names and skeleton.
+    #[serde(skip)]
+    pub keypoints: Option<crate::labels::KeypointSchema>,
+}
+
+impl ModelInfo {
+    /// What a detector's detections carry: `boxes`, and `masks` or `keypoints`.
+    pub fn outputs(&self) -> Vec<String> {
+        let mut out = vec!["boxes".to_string()];
+        if self.masks {
+            out.push("masks".into());
+        }
+        if self.keypoints.is_some() {
+            out.push("keypoints".into());
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -299,12 +321,14 @@ impl Service {
             return Err(wrong_task(&version));
         };
         let plan = options.plan(&served.labels, params)?;
-        let preparer = engines::DetectInput::preparer(params.resize(), plan.threshold);
+        let preparer =
+            engines::DetectInput::preparer(params.resize(), plan.threshold, plan.mask_threshold);
         let (sizes, outputs, timing) = served
             .infer(images, &self.limits, deadline, preparer)
             .await?;
-        Ok(join(&served.info(), sizes, outputs, timing, |d| {
-            plan.select(d, &served.labels)
+        let info = served.info();
+        Ok(join(&info, sizes, outputs, timing, |d| {
+            plan.select(d, &served.labels, &info)
         }))
     }
 

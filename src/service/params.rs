@@ -3,10 +3,12 @@
 
 use std::collections::HashSet;
 
+use super::ModelInfo;
 use super::ServiceError;
-use crate::labels::{Labels, NamedDetection};
-use crate::model::detector::DetectorParams;
+use crate::labels::{KeypointSchema, Labels, NamedDetection, NamedKeypoint};
+use crate::model::detector::{DetectorParams, MASK_THRESHOLD};
 use crate::model::Detection;
+use crate::rle::MaskShape;
 
 pub const DEFAULT_TOP_K: i64 = 5;
 pub const MAX_TOP_K: i64 = 1000;
@@ -18,6 +20,36 @@ pub struct DetectOptions {
     pub max_detections: Option<i64>,
     /// Keep only these class names; every name must exist.
     pub labels: Option<Vec<String>>,
+    /// How a mask model's masks come back (`rle`, `polygon`, `none`).
+    pub mask_format: Option<String>,
+    /// The probability a mask pixel must exceed (0..1, default 0.5).
+    pub mask_threshold: Option<f64>,
+}
+
+/// How masks are answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaskFormat {
+    /// COCO's compressed run-length encoding (the default).
+    Rle,
+    /// Outer contours as polygons.
+    Polygon,
+    /// No masks; the mask head does not run.
+    None,
+}
+
+impl MaskFormat {
+    pub const NAMES: [&'static str; 3] = ["rle", "polygon", "none"];
+
+    pub fn parse(name: Option<&str>) -> Result<Self, ServiceError> {
+        match name.unwrap_or("rle") {
+            "rle" => Ok(MaskFormat::Rle),
+            "polygon" => Ok(MaskFormat::Polygon),
+            "none" => Ok(MaskFormat::None),
+            other => Err(ServiceError::InvalidParameter(format!(
+                "mask_format must be one of rle, polygon, none; got {other:?}"
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -28,6 +60,9 @@ pub struct ClassifyOptions {
 /// Detection options checked against the model's labels.
 pub(crate) struct DetectPlan {
     pub threshold: f64,
+    /// None when masks are not wanted (or the model has none).
+    pub mask_threshold: Option<f64>,
+    mask_format: MaskFormat,
     max_detections: usize,
     keep: Option<HashSet<i64>>,
 }
@@ -92,8 +127,18 @@ impl DetectOptions {
             Some(names) if !names.is_empty() => Some(label_ids(names, labels)?),
             _ => None,
         };
+        let mask_format = MaskFormat::parse(self.mask_format.as_deref())?;
+        let mask_threshold = in_range(
+            "mask_threshold",
+            self.mask_threshold,
+            MASK_THRESHOLD,
+            0.0,
+            1.0,
+        )?;
         Ok(DetectPlan {
             threshold,
+            mask_threshold: (mask_format != MaskFormat::None).then_some(mask_threshold),
+            mask_format,
             max_detections,
             keep,
         })
@@ -101,14 +146,52 @@ impl DetectOptions {
 }
 
 impl DetectPlan {
-    /// The detections the request asked for, labelled.
-    pub(crate) fn select(&self, dets: &[Detection], labels: &Labels) -> Vec<NamedDetection> {
+    /// The detections the request asked for, labelled, with masks in the form asked for and
+    /// keypoints named.
+    pub(crate) fn select(
+        &self,
+        dets: &[Detection],
+        labels: &Labels,
+        info: &ModelInfo,
+    ) -> Vec<NamedDetection> {
+        let keypoints = info.keypoints.as_ref();
         dets.iter()
             .filter(|d| self.keep.as_ref().is_none_or(|k| k.contains(&d.label)))
             .take(self.max_detections)
-            .map(|d| labels.detection(d))
+            .map(|d| name_detection(d, labels, self.mask_format, keypoints))
             .collect()
     }
+}
+
+/// A detection with its class name, its mask in `format` and its keypoints named: what the
+/// service answers and the CLI writes.
+pub fn name_detection(
+    d: &Detection,
+    labels: &Labels,
+    format: MaskFormat,
+    keypoints: Option<&KeypointSchema>,
+) -> NamedDetection {
+    let mut named = labels.detection(d);
+    named.mask = d.mask.as_ref().and_then(|m| match format {
+        MaskFormat::Rle => Some(MaskShape::Rle(m.to_coco())),
+        MaskFormat::Polygon => Some(MaskShape::Polygons(m.polygons())),
+        MaskFormat::None => None,
+    });
+    named.keypoints = d.keypoints.as_ref().map(|kps| {
+        kps.iter()
+            .enumerate()
+            .map(|(i, k)| NamedKeypoint {
+                name: keypoints
+                    .and_then(|s| s.names.get(i))
+                    .cloned()
+                    .unwrap_or_else(|| format!("keypoint_{i}")),
+                x: k.x,
+                y: k.y,
+                score: k.score,
+            })
+            .collect()
+    });
+    named
 }
 
 impl ClassifyOptions {

@@ -23,7 +23,7 @@ pub struct Published {
 
 const BASE_URL: &str = "https://download.pytorch.org/models/";
 
-pub const PUBLISHED: [Published; 4] = [
+pub const PUBLISHED: [Published; 8] = [
     Published {
         id: "fasterrcnn-v1",
         aliases: &["v1"],
@@ -35,6 +35,30 @@ pub const PUBLISHED: [Published; 4] = [
         aliases: &["v2"],
         file: "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth",
         what: "Faster R-CNN ResNet-50-FPN v2, COCO (box AP 46.7)",
+    },
+    Published {
+        id: "maskrcnn-v1",
+        aliases: &[],
+        file: "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth",
+        what: "Mask R-CNN ResNet-50-FPN v1, COCO (box AP 37.9, mask AP 34.6)",
+    },
+    Published {
+        id: "maskrcnn-v2",
+        aliases: &[],
+        file: "maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth",
+        what: "Mask R-CNN ResNet-50-FPN v2, COCO (box AP 47.4, mask AP 41.8)",
+    },
+    Published {
+        id: "keypointrcnn",
+        aliases: &[],
+        file: "keypointrcnn_resnet50_fpn_coco-fc266e95.pth",
+        what: "Keypoint R-CNN ResNet-50-FPN, COCO person keypoints (box AP 54.6, keypoint AP 65.0)",
+    },
+    Published {
+        id: "keypointrcnn-legacy",
+        aliases: &[],
+        file: "keypointrcnn_resnet50_fpn_coco-9f466800.pth",
+        what: "Keypoint R-CNN ResNet-50-FPN, legacy COCO weights (box AP 50.6, keypoint AP 61.1)",
     },
     Published {
         id: "resnet50-v1",

@@ -157,6 +157,33 @@ pub fn detector_weights() -> String {
     ))
 }
 
+/// Seeded Mask R-CNN (`mask-v1`, `mask-v2`) or Keypoint R-CNN (`keypoint`, 2 classes)
+/// weights made by torchvision, as the parity and serving tests share them.
+pub fn instance_weights(arch: &str) -> PathBuf {
+    tvref(
+        &data_dir().join(format!("det_{arch}.pth")),
+        &[
+            "make-detector",
+            "--arch",
+            arch,
+            "--seed",
+            "7",
+            "--num-classes",
+            instance_classes(arch),
+            "--weights",
+            "{out}",
+        ],
+    )
+}
+
+pub fn instance_classes(arch: &str) -> &'static str {
+    if arch == "keypoint" {
+        "2"
+    } else {
+        "91"
+    }
+}
+
 /// The seeded random ResNet-50 that the server tests serve.
 pub fn classifier_weights() -> String {
     path_str(&tvref(

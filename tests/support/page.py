@@ -57,6 +57,8 @@ def main():
             box = [float(v) for v in rows.nth(0).locator("td").nth(4).text_content().split(",")]
             report["box"] = box
             report["canvas"] = page.evaluate(CANVAS_CHECK, [round(box[0]) + 1, round((box[1] + box[3]) / 2)])
+            report["canvas"]["masks"] = int(page.get_attribute("#canvas", "data-masks") or 0)
+            report["canvas"]["keypoints"] = int(page.get_attribute("#canvas", "data-keypoints") or 0)
         page.screenshot(path=screenshot, full_page=True)
         browser.close()
     print(json.dumps(report))

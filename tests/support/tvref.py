@@ -17,7 +17,9 @@ import torch
 import torchvision
 from PIL import Image
 from safetensors.torch import save_file
-from torchvision.models.detection import FasterRCNN, fasterrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn_v2
+from torchvision.models.detection import (
+    FasterRCNN, KeypointRCNN, MaskRCNN, fasterrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn_v2,
+    keypointrcnn_resnet50_fpn, maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2)
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import misc as misc_ops
@@ -62,6 +64,20 @@ def calibrate_fc_(model, g, per_feature=True):
     fc.bias.data.copy_(-(w @ mu))
 
 
+def centre_masks_(model, g):
+    """Random mask logits are mostly negative, so pasted masks would be nearly empty. Shift
+    each class's logit bias by the median of its logits on a smooth noise image, so that about
+    half of each mask is above 0.5 and the mask boundaries cross the boxes."""
+    seen = {}
+    pred = model.roi_heads.mask_predictor
+    hook = pred.register_forward_hook(lambda mod, inp, out: seen.__setitem__("logits", out))
+    image = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(240, 320), mode="bilinear")
+    model(list(image))
+    hook.remove()
+    logits = seen["logits"]
+    pred.mask_fcn_logits.bias.data.sub_(logits.transpose(0, 1).reshape(logits.shape[1], -1).median(1).values)
+
+
 def calibrate_bn_(model, g, size):
     """Sets BatchNorm statistics to those of a few smooth random images, as training would:
     activations then stay normalized through the depth, as in a trained network, instead of
@@ -96,15 +112,25 @@ KNOBS = {
 }
 
 
+# --arch: torchvision's builder (weights=None) and the class its frozen v1 build uses.
+ARCHS = {
+    "v1": (fasterrcnn_resnet50_fpn, FasterRCNN, {}),
+    "v2": (fasterrcnn_resnet50_fpn_v2, None, {}),
+    "mask-v1": (maskrcnn_resnet50_fpn, MaskRCNN, {}),
+    "mask-v2": (maskrcnn_resnet50_fpn_v2, None, {}),
+    "keypoint": (keypointrcnn_resnet50_fpn, KeypointRCNN, {"num_keypoints": 17}),
+}
+
+
 def build_detector(arch, num_classes=91, frozen_eps=None, **knobs):
-    """v1 'frozen' mirrors the official COCO_V1 build: FrozenBatchNorm2d, eps overwritten.
+    """v1 'frozen' mirrors the official COCO_V1 builds: FrozenBatchNorm2d, eps overwritten.
     `knobs` go to torchvision's constructor as they are."""
-    if arch == "v2":
-        return fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=num_classes, **knobs)
-    if frozen_eps is None:
-        return fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes, **knobs)
+    builder, cls, extra = ARCHS[arch]
+    knobs = {**extra, **knobs}
+    if frozen_eps is None or cls is None:
+        return builder(weights=None, weights_backbone=None, num_classes=num_classes, **knobs)
     body = torchvision.models.resnet50(norm_layer=misc_ops.FrozenBatchNorm2d)
-    model = FasterRCNN(_resnet_fpn_extractor(body, 3), num_classes=num_classes, **knobs)
+    model = cls(_resnet_fpn_extractor(body, 3), num_classes=num_classes, **knobs)
     for m in model.modules():
         if isinstance(m, misc_ops.FrozenBatchNorm2d):
             m.eps = frozen_eps
@@ -142,6 +168,8 @@ def cmd_make_detector(a):
         # Normalized features are smaller than random-statistics ones: sharpen the classes so
         # that confident (>= 0.3) detections exist.
         model.roi_heads.box_predictor.cls_score.weight.data.mul_(7.0 if a.arch == "v1" else 20.0)
+    if getattr(model.roi_heads, "mask_predictor", None) is not None:
+        centre_masks_(model, torch.Generator().manual_seed(a.seed + 3))
     sd = model.state_dict()
     if a.legacy_names:
         sd = legacy_names(sd)
@@ -178,7 +206,20 @@ def cmd_ref_detector(a):
         m.rpn.register_forward_hook(lambda mod, inp, out: seen.__setitem__("proposals", out[0][0]))
         m.roi_heads.box_roi_pool.register_forward_hook(
             lambda mod, inp, out: seen.__setitem__("roi_features", out))
+        for head in ("mask_predictor", "keypoint_predictor"):
+            module = getattr(m.roi_heads, head, None)
+            if module is not None:
+                module.register_forward_hook(
+                    lambda mod, inp, out, head=head: seen.__setitem__(head, out))
         det = m([img])[0]
+        if "masks" in det:
+            tensors[f"{i}.mask_logits"] = seen["mask_predictor"].contiguous()
+            # What users keep: pasted probabilities above the threshold, one byte per pixel.
+            tensors[f"{i}.masks"] = (det["masks"][:, 0] > a.mask_threshold).to(torch.uint8).contiguous()
+        if "keypoints" in det:
+            tensors[f"{i}.keypoint_logits"] = seen["keypoint_predictor"].contiguous()
+            tensors[f"{i}.keypoints"] = det["keypoints"].contiguous()
+            tensors[f"{i}.keypoints_scores"] = det["keypoints_scores"].contiguous()
         tensors[f"{i}.proposals"] = seen["proposals"].contiguous()
         tensors[f"{i}.roi_features"] = seen["roi_features"].contiguous()
         tensors[f"{i}.boxes"] = det["boxes"].contiguous()
@@ -262,11 +303,67 @@ def cmd_ops(a):
     save_file({k: v.contiguous() for k, v in t.items()}, a.out)
 
 
+def cmd_decode_rle(a):
+    """Decodes every mask of a /detect answer with pycocotools, as a COCO user would."""
+    from pycocotools import mask as mask_utils
+    answer = json.load(open(a.answer))
+    tensors = {}
+    for i, result in enumerate(answer["results"]):
+        masks = [mask_utils.decode({"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode()})
+                 for d in result["detections"]]
+        tensors[f"{i}.masks"] = torch.from_numpy(np.stack(masks)).contiguous()
+        tensors[f"{i}.areas"] = torch.tensor([float(mask_utils.area(
+            {"size": d["mask"]["size"], "counts": d["mask"]["counts"].encode()})) for d in result["detections"]])
+    save_file(tensors, a.out)
+
+
+def cmd_coco_eval(a):
+    """Loads detectd's COCO results with pycocotools and runs COCOeval on them, with the
+    results themselves as ground truth (a real evaluation needs COCO's annotations; this proves
+    the files are what COCOeval reads). Prints the stats as JSON."""
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    listing = json.load(open(a.images))
+    results = json.load(open(a.results))
+    if a.iou == "keypoints":
+        # COCOeval scores at most 20 keypoint detections per image (its maxDets): keep the best
+        # 20 as ground truth and results alike, or recall against itself could not reach 1.
+        kept, seen = [], {}
+        for r in sorted(results, key=lambda r: -r["score"]):
+            seen[r["image_id"]] = seen.get(r["image_id"], 0) + 1
+            if seen[r["image_id"]] <= 20:
+                kept.append(r)
+        results = kept
+    annotations = []
+    for n, r in enumerate(results, 1):
+        ann = {"id": n, "image_id": r["image_id"], "category_id": r["category_id"], "bbox": r["bbox"],
+               "iscrowd": 0, "area": r["bbox"][2] * r["bbox"][3]}
+        if a.iou == "segm":
+            ann["segmentation"] = r["segmentation"]
+            seg = r["segmentation"]
+            ann["area"] = float(mask_utils.area({"size": seg["size"], "counts": seg["counts"].encode()}))
+        if a.iou == "keypoints":
+            kps = list(r["keypoints"])
+            kps[2::3] = [2] * (len(kps) // 3)
+            ann["keypoints"], ann["num_keypoints"] = kps, len(kps) // 3
+        annotations.append(ann)
+    gt = COCO()
+    gt.dataset = {**listing, "annotations": annotations}
+    gt.createIndex()
+    dt = gt.loadRes(results)
+    ev = COCOeval(gt, dt, iouType=a.iou)
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    print(json.dumps({"stats": [float(x) for x in ev.stats], "results": len(results)}))
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("make-detector")
-    s.add_argument("--arch", choices=["v1", "v2"], required=True)
+    s.add_argument("--arch", choices=list(ARCHS), required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--num-classes", type=int, default=91)
     s.add_argument("--frozen-eps", type=float, default=None)
@@ -280,11 +377,12 @@ def main():
     s.add_argument("--format", choices=["pth", "pth-legacy", "safetensors"], default="pth")
     s.add_argument("--weights", required=True)
     s = sub.add_parser("ref-detector")
-    s.add_argument("--arch", choices=["v1", "v2"], required=True)
+    s.add_argument("--arch", choices=list(ARCHS), required=True)
     s.add_argument("--num-classes", type=int, default=91)
     s.add_argument("--frozen-eps", type=float, default=None)
     for knob, kind in KNOBS.items():
         s.add_argument("--" + knob.replace("_", "-"), dest=knob, type=kind, default=None)
+    s.add_argument("--mask-threshold", type=float, default=0.5)
     s.add_argument("--weights", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("images", nargs="+")
@@ -301,6 +399,13 @@ def main():
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--cases", type=int, default=15)
     s.add_argument("--out", required=True)
+    s = sub.add_parser("decode-rle")
+    s.add_argument("--answer", required=True)
+    s.add_argument("--out", required=True)
+    s = sub.add_parser("coco-eval")
+    s.add_argument("--images", required=True)
+    s.add_argument("--results", required=True)
+    s.add_argument("--iou", choices=["segm", "keypoints", "bbox"], required=True)
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("TVREF_THREADS", torch.get_num_threads())))
     globals()["cmd_" + a.cmd.replace("-", "_")](a)
