@@ -272,6 +272,20 @@ fn masks_and_keypoints_are_served_as_torchvision_makes_them() {
             .expect("Detect masks")
             .into_inner();
         let k = c.detect(ask("kp")).await.expect("Detect kp").into_inner();
+        let list = c
+            .list_models(pb::ListModelsRequest {})
+            .await
+            .expect("ListModels")
+            .into_inner();
+        let kp = list.models.iter().find(|m| m.name == "kp").expect("kp");
+        assert_eq!(kp.outputs, ["boxes", "keypoints"]);
+        assert_eq!((kp.keypoint_names.len(), kp.skeleton.len()), (17, 19));
+        let masks = list
+            .models
+            .iter()
+            .find(|m| m.name == "masks")
+            .expect("masks");
+        assert_eq!(masks.outputs, ["boxes", "masks"]);
         (m, k)
     });
     assert_eq!(g_masks.detections.len(), dets.len());

@@ -1,5 +1,6 @@
 //! The API document: generated from the handlers, it lists every route, and schemathesis
-//! (PyPI) finds no 5xx and no answer that departs from it, on a live server.
+//! (PyPI) finds no 5xx and no answer that departs from it, on a live server (whose detector is
+//! a Mask R-CNN, so that answers with masks are checked too).
 
 mod common;
 
@@ -8,8 +9,21 @@ use std::process::Command;
 use common::*;
 use serde_json::Value;
 
+/// A Mask R-CNN as the detector, so that schemathesis also checks answers carrying masks
+/// against the document.
 fn server() -> Server {
-    both_models_server()
+    let masks = path_str(&instance_weights("mask-v1"));
+    Server::start(
+        &[
+            "--detector-weights",
+            &masks,
+            "--classifier-weights",
+            &classifier_weights(),
+            "--warmup-images",
+            "0",
+        ],
+        true,
+    )
 }
 
 #[test]
