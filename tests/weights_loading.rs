@@ -93,6 +93,54 @@ fn pre_013_key_names_are_renamed() {
     load(&v1("pth", &["--legacy-names"])).expect("legacy names load");
 }
 
+/// Mask R-CNN and Keypoint R-CNN load like the detector: old key names (`mask_fcn{i}`),
+/// the legacy pickle format, safetensors, and a fine-tuned class count.
+#[test]
+fn mask_and_keypoint_checkpoints_load_in_every_form() {
+    use detectd::model::detector::Family;
+    let make = |arch: &str, classes: &str, format: &str, ext: &str, extra: &[&str]| {
+        let out = data_dir().join(format!(
+            "w_{arch}_{classes}_{format}{}.{ext}",
+            extra.concat()
+        ));
+        let mut args = vec![
+            "make-detector",
+            "--arch",
+            arch,
+            "--seed",
+            "7",
+            "--num-classes",
+            classes,
+            "--format",
+            format,
+            "--weights",
+            "{out}",
+        ];
+        args.extend_from_slice(extra);
+        tvref(&out, &args)
+    };
+    let old = make(
+        "mask-v1",
+        "5",
+        "safetensors",
+        "safetensors",
+        &["--legacy-names"],
+    );
+    let mut sd = StateDict::load(&old).expect("legacy names");
+    assert!(sd.has("roi_heads.mask_head.mask_fcn1.weight"));
+    rename_legacy_keys(&mut sd);
+    let current = make("mask-v1", "5", "safetensors", "safetensors", &[]);
+    assert_same_tensors(&sd, &StateDict::load(&current).expect("current names"));
+    let model = load(&old).expect("old mask names load");
+    assert_eq!((model.family, model.num_classes), (Family::MaskRcnn, 5));
+    let keypoints = load(&make("keypoint", "2", "pth-legacy", "pth", &[])).expect("keypoints");
+    assert_eq!(
+        (keypoints.family, keypoints.num_keypoints()),
+        (Family::KeypointRcnn, Some(17))
+    );
+    assert_eq!(keypoints.arch_name(), "keypointrcnn_resnet50_fpn_v1");
+}
+
 /// Writes a copy of the v1 checkpoint with `edit` applied, as safetensors.
 fn edited(name: &str, edit: impl FnOnce(&mut BTreeMap<String, Tensor>)) -> PathBuf {
     let mut sd = StateDict::load(&v1("pth", &[])).expect("load v1");

@@ -11,6 +11,7 @@ import argparse
 import copy
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -147,7 +148,8 @@ def save_state_dict(sd, path, fmt):
 
 
 def legacy_names(sd):
-    """The key names of checkpoints saved before torchvision 0.13 (FPN and RPN head _version 1)."""
+    """The key names of checkpoints saved before torchvision 0.13 (FPN and RPN head _version 1,
+    MaskRCNNHeads' mask_fcn{i})."""
     out = {}
     for k, v in sd.items():
         for fam in ("backbone.fpn.inner_blocks.", "backbone.fpn.layer_blocks."):
@@ -155,6 +157,10 @@ def legacy_names(sd):
                 i, rest = k[len(fam):].split(".", 1)
                 k = f"{fam}{i}.{rest[2:]}" if rest.startswith("0.") else k
         k = k.replace("rpn.head.conv.0.0.", "rpn.head.conv.")
+        # MaskRCNNHeads before its _version 2 (v1 only: no norm layers).
+        m = re.match(r"roi_heads\.mask_head\.(\d)\.0\.(weight|bias)$", k)
+        if m:
+            k = f"roi_heads.mask_head.mask_fcn{int(m.group(1)) + 1}.{m.group(2)}"
         out[k] = v
     return out
 
