@@ -6,8 +6,7 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::*;
 use detectd::model::detector::{DetectorConfig, DetectorParams, Family};
@@ -23,7 +22,7 @@ const IMAGES: [&str; 4] = [
 ];
 
 /// Seeded weights made by torchvision, loaded by detectd.
-fn model(arch: &str) -> (FasterRcnn, PathBuf) {
+fn model(arch: &str) -> FasterRcnn {
     let weights = instance_weights(arch);
     let config = DetectorConfig {
         arch: ArchChoice::Auto,
@@ -32,27 +31,7 @@ fn model(arch: &str) -> (FasterRcnn, PathBuf) {
         compute: fp32(),
         params: DetectorParams::default(),
     };
-    let model = FasterRcnn::load(&weights, &config).expect("load");
-    (model, weights)
-}
-
-fn reference(arch: &str, weights: &Path, images: &[PathBuf]) -> HashMap<String, Tensor> {
-    let out = data_dir().join(format!("ref_det_{arch}.safetensors"));
-    let w = path_str(weights);
-    let mut args = vec![
-        "ref-detector",
-        "--arch",
-        arch,
-        "--num-classes",
-        instance_classes(arch),
-        "--weights",
-        &w,
-        "--out",
-        "{out}",
-    ];
-    let paths: Vec<String> = images.iter().map(|p| path_str(p)).collect();
-    args.extend(paths.iter().map(String::as_str));
-    read_tensors(&tvref(&out, &args))
+    FasterRcnn::load(&weights, &config).expect("load")
 }
 
 /// Every image of IMAGES at once (results must not depend on the batch), traced.
@@ -121,9 +100,9 @@ fn mask_agreement(dets: &[Detection], theirs: &Tensor) -> (u64, u64, u64) {
 
 fn mask_parity(arch: &str) {
     let images = images(&IMAGES);
-    let (model, weights) = model(arch);
+    let model = model(arch);
     assert_eq!(model.family, Family::MaskRcnn);
-    let refs = reference(arch, &weights, &images);
+    let refs = instance_reference(arch, &format!("det_{arch}"), &images);
     let (mut same, mut all, mut set) = (0, 0, 0);
     for (i, (dets, trace)) in run(&model, &images).into_iter().enumerate() {
         let what = format!("{arch} {}", path_str(&images[i]));
@@ -166,12 +145,12 @@ fn mask_v2_matches_torchvision() {
 fn keypoints_match_torchvision() {
     let arch = "keypoint";
     let images = images(&IMAGES);
-    let (model, weights) = model(arch);
+    let model = model(arch);
     assert_eq!(
         (model.family, model.num_keypoints()),
         (Family::KeypointRcnn, Some(17))
     );
-    let refs = reference(arch, &weights, &images);
+    let refs = instance_reference(arch, &format!("det_{arch}"), &images);
     for (i, (dets, trace)) in run(&model, &images).into_iter().enumerate() {
         let what = format!("{arch} {}", path_str(&images[i]));
         let r = |k: &str| refs[&format!("{i}.{k}")].shallow_clone();
@@ -216,7 +195,7 @@ fn masks_and_keypoints_are_batch_invariant() {
         .map(|p| prepare_detector(&decode_file(p)).expect("prepare"))
         .collect();
     for arch in ["mask-v2", "keypoint"] {
-        let (mut model, _) = model(arch);
+        let mut model = model(arch);
         model.images_per_forward = usize::MAX;
         let requests = DetectRequest::each(&prepared, 0.05);
         let batch = model.detect(&requests).expect("batch");

@@ -16,27 +16,6 @@ use detectd::grpc::pb::detector_client::DetectorClient;
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
-fn reference(arch: &str, image: &Path) -> HashMap<String, Tensor> {
-    let out = data_dir().join(format!("ref_serve_{arch}.safetensors"));
-    let weights = path_str(&instance_weights(arch));
-    let image = path_str(image);
-    read_tensors(&tvref(
-        &out,
-        &[
-            "ref-detector",
-            "--arch",
-            arch,
-            "--num-classes",
-            instance_classes(arch),
-            "--weights",
-            &weights,
-            "--out",
-            "{out}",
-            &image,
-        ],
-    ))
-}
-
 /// Runs tvref.py on this run's own inputs (never a cached output).
 fn tvref_fresh(out: &Path, args: &[&str]) -> PathBuf {
     let _ = std::fs::remove_file(out);
@@ -122,7 +101,7 @@ fn masks_and_keypoints_are_served_as_torchvision_makes_them() {
         .as_array()
         .expect("detections")
         .clone();
-    let refs = reference("mask-v2", &image);
+    let refs = instance_reference("mask-v2", "serve_mask-v2", std::slice::from_ref(&image));
     check_boxes("masks", &dets, &refs);
     assert_eq!(dets[0]["mask"]["size"], serde_json::json!([480, 640]));
     let answer_file = data_dir().join("serve_masks_answer.json");
@@ -186,7 +165,7 @@ fn masks_and_keypoints_are_served_as_torchvision_makes_them() {
         .as_array()
         .expect("detections")
         .clone();
-    let kp_refs = reference("keypoint", &image);
+    let kp_refs = instance_reference("keypoint", "serve_keypoint", std::slice::from_ref(&image));
     check_boxes("keypoints", &kp_dets, &kp_refs);
     let theirs: Vec<f32> = kp_refs["0.keypoints"]
         .reshape([-1])

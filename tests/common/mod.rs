@@ -176,6 +176,26 @@ pub fn instance_weights(arch: &str) -> PathBuf {
     )
 }
 
+/// torchvision's outputs for `instance_weights(arch)` on `images`, cached as `ref_{tag}`.
+pub fn instance_reference(arch: &str, tag: &str, images: &[PathBuf]) -> HashMap<String, Tensor> {
+    let out = data_dir().join(format!("ref_{tag}.safetensors"));
+    let weights = path_str(&instance_weights(arch));
+    let mut args = vec![
+        "ref-detector",
+        "--arch",
+        arch,
+        "--num-classes",
+        instance_classes(arch),
+        "--weights",
+        &weights,
+        "--out",
+        "{out}",
+    ];
+    let paths: Vec<String> = images.iter().map(|p| path_str(p)).collect();
+    args.extend(paths.iter().map(String::as_str));
+    read_tensors(&tvref(&out, &args))
+}
+
 pub fn instance_classes(arch: &str) -> &'static str {
     if arch == "keypoint" {
         "2"
