@@ -436,7 +436,9 @@ fn detect(args: DetectArgs) -> anyhow::Result<ExitCode> {
     let (device, compute) = args.runtime.resolve()?;
     let config = DetectorConfig {
         arch: args.arch,
-        frozen_bn_eps: args.frozen_bn_eps,
+        frozen_bn_eps: args
+            .frozen_bn_eps
+            .or_else(|| hub::frozen_bn_eps_of(&args.weights)),
         device,
         compute,
         params: Default::default(),

@@ -401,42 +401,59 @@ impl FasterRcnn {
         let mask_logits = match (&self.mask, request.mask_threshold) {
             (Some(branch), Some(threshold)) => {
                 let logits = branch.forward(&pool());
-                let probs = mask_probabilities(&logits, &raw.labels);
-                let size = probs.size()[1];
-                let pixel_boxes = paste_boxes(boxes, size).to_device(Device::Cpu);
-                let pixel_boxes = Vec::<i64>::try_from(pixel_boxes.reshape([-1])).expect("i64");
-                for (i, (det, b)) in dets.iter_mut().zip(pixel_boxes.chunks_exact(4)).enumerate() {
-                    let b = [b[0], b[1], b[2], b[3]];
-                    let pasted = paste_mask(&probs.get(i as i64), b, image.original, threshold);
-                    det.mask = Some(pasted.to_rle(image.original));
-                }
+                add_masks(&logits, raw, boxes, image, threshold, dets);
                 Some(logits)
             }
             _ => None,
         };
         let keypoint_logits = self.keypoints.as_ref().map(|branch| {
             let maps = branch.forward(&pool());
-            let ratios = Tensor::from_slice(&ratios(image)[..2]).to_device(maps.device());
-            for (i, det) in dets.iter_mut().enumerate() {
-                let i = i as i64;
-                let kp = heatmap_to_keypoints(&maps.get(i), &raw.boxes.get(i));
-                let xy = (kp.xy * &ratios).to_device(Device::Cpu);
-                let xy = Vec::<f32>::try_from(xy.reshape([-1])).expect("f32 keypoints");
-                let scores = Vec::<f32>::try_from(kp.scores.to_device(Device::Cpu)).expect("f32");
-                det.keypoints = Some(
-                    xy.chunks_exact(2)
-                        .zip(scores)
-                        .map(|(p, score)| Keypoint {
-                            x: p[0],
-                            y: p[1],
-                            score,
-                        })
-                        .collect(),
-                );
-            }
+            add_keypoints(&maps, raw, image, dets);
             maps
         });
         (mask_logits, keypoint_logits)
+    }
+}
+
+/// `maskrcnn_inference`, then `paste_masks_in_image` and the threshold one detection at a
+/// time, each kept as its RLE.
+fn add_masks(
+    logits: &Tensor,
+    raw: &RawDetections,
+    boxes: &Tensor,
+    image: &Prepared,
+    threshold: f64,
+    dets: &mut [Detection],
+) {
+    let probs = mask_probabilities(logits, &raw.labels);
+    let pixel_boxes = paste_boxes(boxes, probs.size()[1]).to_device(Device::Cpu);
+    let pixel_boxes = Vec::<i64>::try_from(pixel_boxes.reshape([-1])).expect("i64 boxes");
+    for (i, (det, b)) in dets.iter_mut().zip(pixel_boxes.chunks_exact(4)).enumerate() {
+        let b = [b[0], b[1], b[2], b[3]];
+        let pasted = paste_mask(&probs.get(i as i64), b, image.original, threshold);
+        det.mask = Some(pasted.to_rle(image.original));
+    }
+}
+
+/// `heatmaps_to_keypoints` on the resized-image boxes, then `resize_keypoints`.
+fn add_keypoints(maps: &Tensor, raw: &RawDetections, image: &Prepared, dets: &mut [Detection]) {
+    let ratios = Tensor::from_slice(&ratios(image)[..2]).to_device(maps.device());
+    for (i, det) in dets.iter_mut().enumerate() {
+        let i = i as i64;
+        let kp = heatmap_to_keypoints(&maps.get(i), &raw.boxes.get(i));
+        let xy = (kp.xy * &ratios).to_device(Device::Cpu);
+        let xy = Vec::<f32>::try_from(xy.reshape([-1])).expect("f32 keypoints");
+        let scores = Vec::<f32>::try_from(kp.scores.to_device(Device::Cpu)).expect("f32 scores");
+        let points = xy.chunks_exact(2).zip(scores);
+        det.keypoints = Some(
+            points
+                .map(|(p, score)| Keypoint {
+                    x: p[0],
+                    y: p[1],
+                    score,
+                })
+                .collect(),
+        );
     }
 }
 

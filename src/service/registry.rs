@@ -519,7 +519,9 @@ impl Registry {
                     version: number,
                     weights,
                     arch: settings.arch,
-                    frozen_bn_eps: settings.frozen_bn_eps,
+                    frozen_bn_eps: settings
+                        .frozen_bn_eps
+                        .or_else(|| crate::weights::hub::frozen_bn_eps_of(&settings.source)),
                     labels: settings.labels.clone(),
                     device,
                     precision: settings.precision,

@@ -19,6 +19,9 @@ pub struct Published {
     pub aliases: &'static [&'static str],
     pub file: &'static str,
     pub what: &'static str,
+    /// The eps torchvision runs the file's FrozenBatchNorm2d with, where it is not the 0.0
+    /// of the COCO_V1 weights (torchvision overwrites eps only for those).
+    pub frozen_bn_eps: Option<f64>,
 }
 
 const BASE_URL: &str = "https://download.pytorch.org/models/";
@@ -29,48 +32,56 @@ pub const PUBLISHED: [Published; 8] = [
         aliases: &["v1"],
         file: "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth",
         what: "Faster R-CNN ResNet-50-FPN v1, COCO (box AP 37.0)",
+        frozen_bn_eps: None,
     },
     Published {
         id: "fasterrcnn-v2",
         aliases: &["v2"],
         file: "fasterrcnn_resnet50_fpn_v2_coco-dd69338a.pth",
         what: "Faster R-CNN ResNet-50-FPN v2, COCO (box AP 46.7)",
+        frozen_bn_eps: None,
     },
     Published {
         id: "maskrcnn-v1",
         aliases: &[],
         file: "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth",
         what: "Mask R-CNN ResNet-50-FPN v1, COCO (box AP 37.9, mask AP 34.6)",
+        frozen_bn_eps: None,
     },
     Published {
         id: "maskrcnn-v2",
         aliases: &[],
         file: "maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth",
         what: "Mask R-CNN ResNet-50-FPN v2, COCO (box AP 47.4, mask AP 41.8)",
+        frozen_bn_eps: None,
     },
     Published {
         id: "keypointrcnn",
         aliases: &[],
         file: "keypointrcnn_resnet50_fpn_coco-fc266e95.pth",
         what: "Keypoint R-CNN ResNet-50-FPN, COCO person keypoints (box AP 54.6, keypoint AP 65.0)",
+        frozen_bn_eps: None,
     },
     Published {
         id: "keypointrcnn-legacy",
         aliases: &[],
         file: "keypointrcnn_resnet50_fpn_coco-9f466800.pth",
         what: "Keypoint R-CNN ResNet-50-FPN, legacy COCO weights (box AP 50.6, keypoint AP 61.1)",
+        frozen_bn_eps: Some(1e-5),
     },
     Published {
         id: "resnet50-v1",
         aliases: &[],
         file: "resnet50-0676ba61.pth",
         what: "ResNet-50 IMAGENET1K_V1 (acc@1 76.1), preset v1",
+        frozen_bn_eps: None,
     },
     Published {
         id: "resnet50-v2",
         aliases: &[],
         file: "resnet50-11ad3fa6.pth",
         what: "ResNet-50 IMAGENET1K_V2 (acc@1 80.9), preset v2",
+        frozen_bn_eps: None,
     },
 ];
 
@@ -87,6 +98,13 @@ impl Published {
             sha256: hash_in_file_name(self.file),
         }
     }
+}
+
+/// The FrozenBatchNorm eps torchvision uses for `source` when it names a published checkpoint
+/// (by name, or a path ending in its file name) that does not run with 0.0.
+pub fn frozen_bn_eps_of(source: &str) -> Option<f64> {
+    let file = Path::new(source).file_name()?.to_str()?;
+    find(source).or_else(|| find(file))?.frozen_bn_eps
 }
 
 /// A published checkpoint by its name, an alias or its file name.
@@ -446,6 +464,12 @@ mod tests {
             Some("11ad3fa6".into())
         );
         assert_eq!(find("v2").map(|p| p.id), Some("fasterrcnn-v2"));
+        assert_eq!(frozen_bn_eps_of("keypointrcnn-legacy"), Some(1e-5));
+        assert_eq!(
+            frozen_bn_eps_of("/m/keypointrcnn_resnet50_fpn_coco-9f466800.pth"),
+            Some(1e-5)
+        );
+        assert_eq!(frozen_bn_eps_of("keypointrcnn"), None);
     }
 
     #[test]
