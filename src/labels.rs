@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use crate::model::detector::Family;
 use crate::model::{Detection, Prediction};
 use crate::rle::MaskShape;
 
@@ -233,6 +234,20 @@ impl Labels {
 
     pub fn imagenet() -> Self {
         Self::table(IMAGENET)
+    }
+
+    /// A detector's class names: the file if given, else torchvision's table for its family
+    /// (COCO's, or COCO person for Keypoint R-CNN) when the class count fits.
+    pub fn for_detector(
+        file: Option<&Path>,
+        family: Family,
+        num_classes: i64,
+    ) -> Result<Self, LabelsError> {
+        let default = match family {
+            Family::KeypointRcnn => Labels::coco_person,
+            Family::FasterRcnn | Family::MaskRcnn => Labels::coco,
+        };
+        Self::for_model(file, num_classes, default)
     }
 
     /// torchvision's Keypoint R-CNN classes (`_COCO_PERSON_CATEGORIES`).

@@ -18,7 +18,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::api::{detections_json, predictions_json};
 use crate::imaging;
 use crate::labels::{KeypointSchema, Labels, NamedDetection};
-use crate::model::detector::{DetectorConfig, Family};
+use crate::model::detector::DetectorConfig;
 use crate::model::transform::{prepare_classifier, prepare_detector, Prepared};
 use crate::model::{
     device, ArchChoice, Classifier, DetectRequest, DeviceChoice, FasterRcnn, Precision, Preset,
@@ -445,11 +445,7 @@ fn detect(args: DetectArgs) -> anyhow::Result<ExitCode> {
     };
     let model = FasterRcnn::load(&resolve_weights(&args.weights, &args.cache)?, &config)?;
     crate::alloc::tune_for_tensors();
-    let default_labels = match model.family {
-        Family::KeypointRcnn => Labels::coco_person,
-        _ => Labels::coco,
-    };
-    let labels = Labels::for_model(args.labels.as_deref(), model.num_classes, default_labels)?;
+    let labels = Labels::for_detector(args.labels.as_deref(), model.family, model.num_classes)?;
     let mask_format = MaskFormat::parse(Some(&args.mask_format))?;
     let mask_threshold = (mask_format != MaskFormat::None).then_some(args.mask_threshold);
     let keypoints = model.num_keypoints().map(KeypointSchema::for_count);

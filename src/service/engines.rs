@@ -347,11 +347,7 @@ fn detector_plan(
     let (model, loaded_bytes) =
         memory::measured(|| FasterRcnn::load(&spec.weights, &detector_config(&spec, first)));
     let model = model?;
-    let default_labels = match model.family {
-        Family::KeypointRcnn => Labels::coco_person,
-        _ => Labels::coco,
-    };
-    let labels = Labels::for_model(spec.labels.as_deref(), model.num_classes, default_labels)?;
+    let labels = Labels::for_detector(spec.labels.as_deref(), model.family, model.num_classes)?;
     let arch = model.arch_name();
     let info = ModelInfo {
         name: spec.name.clone(),
