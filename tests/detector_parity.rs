@@ -63,6 +63,7 @@ fn reference(
     let w = path_str(weights);
     let mut args = vec![
         "ref-detector",
+        "--trace",
         "--arch",
         arch,
         "--weights",
