@@ -209,9 +209,11 @@ def cmd_ref_detector(a):
         # detectd computes them per image, as torchvision does for an image processed first.
         m = copy.deepcopy(model)
         seen = {}
-        m.rpn.register_forward_hook(lambda mod, inp, out: seen.__setitem__("proposals", out[0][0]))
-        m.roi_heads.box_roi_pool.register_forward_hook(
-            lambda mod, inp, out: seen.__setitem__("roi_features", out))
+        if a.trace:
+            m.rpn.register_forward_hook(
+                lambda mod, inp, out: seen.__setitem__("proposals", out[0][0]))
+            m.roi_heads.box_roi_pool.register_forward_hook(
+                lambda mod, inp, out: seen.__setitem__("roi_features", out))
         for head in ("mask_predictor", "keypoint_predictor"):
             module = getattr(m.roi_heads, head, None)
             if module is not None:
