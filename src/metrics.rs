@@ -1,7 +1,8 @@
 //! Prometheus series. The names are a contract with dashboards and alerts: change none.
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 pub struct Metrics {
@@ -12,6 +13,7 @@ pub struct Metrics {
     pub inference_duration: HistogramVec,
     pub batch_size: HistogramVec,
     pub queue_depth: IntGaugeVec,
+    pub expected_wait: GaugeVec,
     pub images: IntCounterVec,
     pub model_info: IntGaugeVec,
     pub open_connections: IntGauge,
@@ -76,6 +78,14 @@ impl Metrics {
                 &MODEL_LABELS,
             )
             .expect("valid gauge"),
+            expected_wait: GaugeVec::new(
+                Opts::new(
+                    "detectd_expected_wait_seconds",
+                    "How long a one-image request sent now would wait for its answer, from the model's measured pace (what admission compares with the deadline)",
+                ),
+                &MODEL_LABELS,
+            )
+            .expect("valid gauge"),
             images: IntCounterVec::new(
                 Opts::new("detectd_images_total", "Images run through the model"),
                 &MODEL_LABELS,
@@ -102,6 +112,7 @@ impl Metrics {
             Box::new(m.inference_duration.clone()),
             Box::new(m.batch_size.clone()),
             Box::new(m.queue_depth.clone()),
+            Box::new(m.expected_wait.clone()),
             Box::new(m.images.clone()),
             Box::new(m.model_info.clone()),
             Box::new(m.open_connections.clone()),

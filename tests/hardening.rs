@@ -427,3 +427,274 @@ fn the_cli_names_an_unusable_image_and_goes_on() {
         "{stderr}"
     );
 }
+
+/// A series' value from Prometheus text; the test fails when the series is missing.
+fn series(server: &Server, series: &str) -> f64 {
+    let text = server.metrics();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no series {series:?} in /metrics:\n{text}"))
+}
+
+/// Waits until the server's freed heap has gone back to the OS (the workers trim after a
+/// quiet second) and its RSS is steady; returns it in MB.
+fn settled_rss(server: &Server) -> u64 {
+    let mut last = status_kb(server, "VmRSS") / 1024;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(1500));
+        let now = status_kb(server, "VmRSS") / 1024;
+        if now.abs_diff(last) < 20 {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
+/// Sends `body` to `path` from `clients` threads at once; the statuses and codes, and each
+/// answer's seconds.
+fn burst(server: &Server, path: &str, body: &[u8], clients: usize) -> Vec<(u16, String, f64)> {
+    let handles: Vec<_> = (0..clients)
+        .map(|_| {
+            let (url, body) = (server.url(path), body.to_vec());
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let r = client()
+                    .post(url)
+                    .header("content-type", "image/png")
+                    .body(body)
+                    .send()
+                    .expect("POST");
+                let status = r.status().as_u16();
+                let code = if status == 200 {
+                    String::new()
+                } else {
+                    json_of(r).1["code"].as_str().unwrap_or_default().to_owned()
+                };
+                (status, code, started.elapsed().as_secs_f64())
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("client thread"))
+        .collect()
+}
+
+/// What a burst may add to the idle server's RSS with the default decoding budget (64 M
+/// pixels): one 45-megapixel image decoded and prepared at a time (~1 GB at its peak), a
+/// forward pass, and the prepared inputs queued (12 MB each).
+const BURST_BOUND_MB: u64 = 2000;
+
+#[test]
+fn bursts_of_large_images_cost_the_decoding_budget_not_the_number_of_clients() {
+    // Default flags: the decoding budget, queue and timeout as served.
+    let server = Server::start(&["--detector-weights", &detector_weights()], true);
+    // 7500x6000 = 45 megapixels, under every default limit, a few hundred bytes on the wire.
+    let big = png_of(7500, 6000);
+    for clients in [32, 8] {
+        let idle = settled_rss(&server);
+        let before = reset_peak(&server);
+        let started = Instant::now();
+        let answers = burst(&server, "/detect", &big, clients);
+        let peak = peak_mb(&server);
+        let ok = answers.iter().filter(|a| a.0 == 200).count();
+        let shed: Vec<f64> = answers.iter().filter(|a| a.0 == 503).map(|a| a.2).collect();
+        eprintln!(
+            "{clients} clients x 45 MP: {ok} answered, {} refused at admission (within {:.2} s), \
+             {:.0} s in all; RSS idle {idle} MB, peak {peak} MB (+{} MB)",
+            shed.len(),
+            shed.iter().copied().fold(0.0, f64::max),
+            started.elapsed().as_secs_f64(),
+            peak.saturating_sub(before)
+        );
+        for (status, code, _) in &answers {
+            assert!(
+                *status == 200 || (*status == 503 && code == "overloaded"),
+                "{clients} clients: answered {status} {code}: {answers:?}"
+            );
+        }
+        assert!(
+            ok >= clients.min(8),
+            "{clients} clients: only {ok} answered"
+        );
+        // Refused at admission: before decoding, not after a wait.
+        assert!(shed.iter().all(|&s| s < 2.0), "slow refusals: {shed:?}");
+        assert_peak_within(&server, before, BURST_BOUND_MB, "a burst of 45 MP PNGs");
+    }
+    assert_serves(&server, "/detect");
+}
+
+#[test]
+fn an_overloaded_model_refuses_at_admission_with_retry_after() {
+    let server = Server::start(&["--detector-weights", &detector_weights()], true);
+    let gauge = "detectd_expected_wait_seconds{model=\"detector\",version=\"1\"} ";
+    // The warm-up measured one image's pass: what a request waits on an idle server.
+    let one = series(&server, gauge);
+    assert!(one > 0.0, "no pace after the warm-up: {one}");
+    // Three one-image requests: one runs, two wait.
+    let small = png_of(640, 480);
+    let fill: Vec<_> = (0..3)
+        .map(|_| {
+            let (url, body) = (server.url("/detect"), small.clone());
+            std::thread::spawn(move || {
+                let r = client()
+                    .post(url)
+                    .header("content-type", "image/png")
+                    .body(body)
+                    .send()
+                    .expect("POST");
+                r.status().as_u16()
+            })
+        })
+        .collect();
+    let depth = "detectd_queue_depth{model=\"detector\",version=\"1\"} ";
+    let until = Instant::now() + Duration::from_secs(30);
+    while series(&server, depth) < 2.0 {
+        assert!(Instant::now() < until, "the queue never held two images");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let queued_wait = series(&server, gauge);
+    assert!(
+        queued_wait >= 2.0 * one,
+        "expected wait {queued_wait} s, one pass {one} s"
+    );
+    // A client whose deadline is 2.5 passes: it would be answered after about four. Its
+    // image is 45 megapixels, which takes seconds to decode: the refusal comes before that.
+    let timeout_ms = (2500.0 * one) as u64;
+    let started = Instant::now();
+    let r = client()
+        .post(server.url("/detect"))
+        .header("content-type", "image/png")
+        .header("x-request-timeout-ms", timeout_ms.to_string())
+        .body(png_of(7500, 6000))
+        .send()
+        .expect("POST");
+    let refused_in = started.elapsed();
+    let retry_after: u64 = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .expect("a numeric Retry-After");
+    eprintln!(
+        "one pass {one:.2} s, expected wait with the queue {queued_wait:.2} s; refused in \
+         {refused_in:?}, Retry-After {retry_after} s"
+    );
+    assert_error("past its deadline", r, 503, "overloaded");
+    assert!(refused_in < Duration::from_millis(500), "{refused_in:?}");
+    assert!(retry_after >= 1 && (retry_after as f64) <= 4.0 * one + 1.0);
+    // The work ahead of it is answered, not timed out.
+    for h in fill {
+        assert_eq!(h.join().expect("client"), 200);
+    }
+    // The same deadline on an idle server is met.
+    let r = client()
+        .post(server.url("/detect"))
+        .header("content-type", "image/png")
+        .header("x-request-timeout-ms", timeout_ms.to_string())
+        .body(small)
+        .send()
+        .expect("POST");
+    assert_eq!(r.status(), 200);
+    assert_error(
+        "a timeout header that is not a number",
+        client()
+            .post(server.url("/detect"))
+            .header("content-type", "image/png")
+            .header("x-request-timeout-ms", "soon")
+            .body(png_of(64, 48))
+            .send()
+            .expect("POST"),
+        422,
+        "invalid_parameter",
+    );
+}
+
+/// Images each model answered over `seconds` with `clients` closed-loop clients per model
+/// (a model with no clients is left idle).
+fn saturate(server: &Server, clients: &[(&str, usize)], seconds: u64) -> Vec<f64> {
+    let image = png_of(640, 480);
+    let count = |model: &str| {
+        series(
+            server,
+            &format!("detectd_images_total{{model=\"{model}\",version=\"1\"}} "),
+        )
+    };
+    let before: Vec<f64> = clients.iter().map(|(m, _)| count(m)).collect();
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let threads: Vec<_> = clients
+        .iter()
+        .flat_map(|&(model, n)| {
+            let url = server.url(&format!("/v1/models/{model}/{}", task_path(model)));
+            let image = image.clone();
+            (0..n).map(move |_| {
+                let (url, image) = (url.clone(), image.clone());
+                std::thread::spawn(move || {
+                    while Instant::now() < until {
+                        let r = client()
+                            .post(&url)
+                            .header("content-type", "image/png")
+                            .body(image.clone())
+                            .send()
+                            .expect("POST");
+                        assert_eq!(r.status(), 200, "{url}");
+                    }
+                })
+            })
+        })
+        .collect();
+    // Counted at the window's end: runs finishing after it are not in it.
+    std::thread::sleep(until.saturating_duration_since(Instant::now()));
+    let after: Vec<f64> = clients.iter().map(|(m, _)| count(m)).collect();
+    for t in threads {
+        t.join().expect("client");
+    }
+    after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| (a - b) / seconds as f64)
+        .collect()
+}
+
+fn task_path(model: &str) -> &'static str {
+    if model == "cls" {
+        "classify"
+    } else {
+        "detect"
+    }
+}
+
+#[test]
+fn two_saturated_models_share_the_cpu_by_their_weights() {
+    let det = format!("det={},task=detect,weight=1", detector_weights());
+    let cls = format!("cls={},task=classify,weight=1", classifier_weights());
+    let server = Server::start(&["--model", &det, "--model", &cls], true);
+    let window = 15;
+    let det_alone = saturate(&server, &[("det", 2)], window)[0];
+    let cls_alone = saturate(&server, &[("cls", 4)], window)[0];
+    let both = saturate(&server, &[("det", 2), ("cls", 4)], window);
+    let (d, c) = (both[0] / det_alone, both[1] / cls_alone);
+    eprintln!(
+        "images/s alone: detector {det_alone:.2}, classifier {cls_alone:.2}; both saturated: \
+         detector {:.2} ({:.0}% of alone), classifier {:.2} ({:.0}%); sum of shares {:.2}",
+        both[0],
+        100.0 * d,
+        both[1],
+        100.0 * c,
+        d + c
+    );
+    // Equal weights: half the CPU time each, so about half of what each does alone; the
+    // turns cost little, so the shares add up to about one.
+    assert!(
+        d >= 0.35,
+        "the detector got {:.0}% of its rate alone",
+        100.0 * d
+    );
+    assert!(
+        c >= 0.35,
+        "the classifier got {:.0}% of its rate alone",
+        100.0 * c
+    );
+    assert!(d + c >= 0.85, "shares add up to {:.2}", d + c);
+}

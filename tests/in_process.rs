@@ -78,12 +78,13 @@ fn app(s: Setup) -> Router {
         metrics: metrics.clone(),
         max_memory: None,
         defaults: SettingsDefaults::default(),
+        cpu: detectd::batch::CpuShare::new(),
     });
     // Two fake detectors: `detector` (the default) and `other`.
     for name in ["detector", "other"] {
         let labels = ModelLabels::new(name, 1);
         let (batcher, started, _worker) =
-            Batcher::spawn(labels, batch, metrics.clone(), || Ok(FakeDetector));
+            Batcher::spawn(labels, batch, metrics.clone(), None, |_| Ok(FakeDetector));
         assert!(started.blocking_recv().expect("started").is_ok());
         let info = ModelInfo {
             name: name.into(),

@@ -7,7 +7,15 @@
 //! whose caller has gone (timed out or disconnected) before they reach the model, runs the
 //! batch and answers each job on its own channel. A job larger than the engine takes in one
 //! run goes in several runs, and stops between them once its caller has gone. A failing
-//! batch fails only its own jobs.
+//! batch fails only its own jobs. Each run takes a turn on the CPU shared with the other
+//! models (`share`) and is timed (`pace`), so that the queue can say how long a new job would
+//! wait.
+
+mod pace;
+mod share;
+
+pub use pace::Pace;
+pub use share::{CpuShare, Member};
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -33,6 +41,12 @@ pub trait Engine: 'static {
     /// gone).
     fn max_images_per_run(&self) -> usize {
         usize::MAX
+    }
+
+    /// Bytes of the largest tensor a run of `images` allocates in this process's heap (0 when
+    /// the model runs elsewhere, on a GPU): what the heap keeps for the next run.
+    fn largest_activation(&self, _images: usize) -> usize {
+        0
     }
 }
 
@@ -119,6 +133,7 @@ pub struct Batcher<I, O> {
     labels: ModelLabels,
     tx: Sender<Job<I, O>>,
     depth: Arc<AtomicUsize>,
+    pace: Arc<Pace>,
     ready: Arc<AtomicBool>,
     config: BatchConfig,
     metrics: Arc<Metrics>,
@@ -126,12 +141,14 @@ pub struct Batcher<I, O> {
 
 impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// Starts the worker thread, which builds the engine with `load` (loading weights and
-    /// warming up belong there, on the thread that will own the model), then serves.
-    /// `started` receives the outcome of `load`.
+    /// warming up belong there, on the thread that will own the model; it may record the
+    /// warm-up's runs in the pace it is given), then serves, each run in a turn of `cpu`
+    /// when the model shares the CPU. `started` receives the outcome of `load`.
     pub fn spawn<E, L>(
         labels: ModelLabels,
         config: BatchConfig,
         metrics: Arc<Metrics>,
+        cpu: Option<Member>,
         load: L,
     ) -> (
         Self,
@@ -140,7 +157,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     )
     where
         E: Engine<Input = I, Output = O>,
-        L: FnOnce() -> Result<E, ModelError> + Send + 'static,
+        L: FnOnce(&Pace) -> Result<E, ModelError> + Send + 'static,
     {
         let (tx, rx) = mpsc::channel();
         let (started_tx, started_rx) = oneshot::channel();
@@ -149,6 +166,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             labels: labels.clone(),
             tx,
             depth: Arc::default(),
+            pace: Arc::default(),
             ready: Arc::default(),
             config,
             metrics,
@@ -157,6 +175,8 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             labels,
             rx,
             depth: batcher.depth.clone(),
+            pace: batcher.pace.clone(),
+            cpu,
             config,
             metrics: batcher.metrics.clone(),
             carried: None,
@@ -165,7 +185,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         let ready = batcher.ready.clone();
         let handle = std::thread::Builder::new()
             .name(thread)
-            .spawn(move || match load() {
+            .spawn(move || match load(&worker.pace) {
                 Ok(engine) => {
                     ready.store(true, Ordering::SeqCst);
                     let _ = started_tx.send(Ok(()));
@@ -192,6 +212,20 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         self.ready.load(Ordering::SeqCst)
     }
 
+    /// How long a job of `images` would wait for its answer if queued now (the images queued
+    /// or reserved ahead of it, then its own), from the measured pace; None before any run
+    /// has been measured.
+    pub fn expected_wait(&self, images: usize) -> Option<Duration> {
+        self.pace
+            .expected_wait(self.depth.load(Ordering::SeqCst), images)
+    }
+
+    /// How long a job of `images` takes with nothing ahead of it; None before any run has been
+    /// measured.
+    pub fn run_time(&self, images: usize) -> Option<Duration> {
+        self.pace.run_time(images)
+    }
+
     /// Reserves room for `images` images. Refused at once when they would overfill the queue,
     /// and always when they are more than the whole queue holds.
     pub fn reserve(&self, images: usize) -> Result<Reservation<'_>, SubmitError> {
@@ -212,6 +246,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             .queue_depth
             .with_label_values(&self.labels.values())
             .set((before + images) as i64);
+        publish_expected_wait(&self.metrics, &self.labels, &self.pace, before + images);
         Ok(reservation)
     }
 
@@ -261,19 +296,24 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
 /// A job's answer channel, how long it waited, its span and its deadline.
 type Waiting<O> = (oneshot::Sender<Reply<O>>, Duration, tracing::Span, Instant);
 
-/// Runs `inputs` through the engine at most `per_run` at a time, while `wanted` holds; also
-/// returns how many inputs went through the engine. A panic in the engine fails these inputs
-/// only; the worker goes on serving.
-fn run_in_parts<E: Engine>(
-    engine: &mut E,
-    inputs: Vec<E::Input>,
+/// What a new job of one image would wait, as the `detectd_expected_wait_seconds` gauge
+/// (0 until a run has been measured).
+fn publish_expected_wait(metrics: &Metrics, labels: &ModelLabels, pace: &Pace, depth: usize) {
+    let wait = pace.expected_wait(depth, 1).unwrap_or_default();
+    metrics
+        .expected_wait
+        .with_label_values(&labels.values())
+        .set(wait.as_secs_f64());
+}
+
+/// Runs `inputs` through `guarded` at most `per_run` at a time, while `wanted` holds; also
+/// returns how many inputs went through the engine.
+fn run_in_parts<I, O>(
+    inputs: Vec<I>,
     per_run: usize,
     wanted: impl Fn() -> bool,
-) -> (Result<Vec<E::Output>, ModelError>, usize) {
-    let mut guarded = |part: Vec<E::Input>| {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(part)))
-            .unwrap_or_else(|_| Err(ModelError::Inference("the model panicked".into())))
-    };
+    mut guarded: impl FnMut(Vec<I>) -> Result<Vec<O>, ModelError>,
+) -> (Result<Vec<O>, ModelError>, usize) {
     let n = inputs.len();
     if n <= per_run {
         return (guarded(inputs), n);
@@ -286,7 +326,7 @@ fn run_in_parts<E: Engine>(
                 ModelError::Inference("abandoned: the caller left before the job finished".into());
             return (Err(left), outputs.len());
         }
-        let part: Vec<E::Input> = rest.by_ref().take(per_run).collect();
+        let part: Vec<I> = rest.by_ref().take(per_run).collect();
         let size = part.len();
         match guarded(part) {
             Ok(out) => outputs.extend(out),
@@ -300,6 +340,9 @@ struct Worker<I, O> {
     labels: ModelLabels,
     rx: Receiver<Job<I, O>>,
     depth: Arc<AtomicUsize>,
+    pace: Arc<Pace>,
+    /// Its turns on the CPU, when it shares it with other models.
+    cpu: Option<Member>,
     config: BatchConfig,
     metrics: Arc<Metrics>,
     /// A job that did not fit in the previous batch; it opens the next one.
@@ -313,6 +356,8 @@ impl<I, O> Worker<I, O> {
         let limit = engine.max_images_per_run().max(1);
         self.per_run = limit;
         self.config.max_batch_size = self.config.max_batch_size.min(limit);
+        self.pace.set_per_run(self.config.max_batch_size);
+        publish_expected_wait(&self.metrics, &self.labels, &self.pace, 0);
         while let Some(batch) = self.next_batch() {
             self.run(&mut engine, batch);
         }
@@ -398,8 +443,17 @@ impl<I, O> Worker<I, O> {
                 .iter()
                 .any(|(reply, _, _, deadline)| !reply.is_closed() && *deadline > Instant::now())
         };
-        let (result, ran) = span.in_scope(|| run_in_parts(engine, inputs, self.per_run, wanted));
+        self.pace.take(n);
+        let run = |part: Vec<I>| self.run_part(engine, part);
+        let (result, ran) = span.in_scope(|| run_in_parts(inputs, self.per_run, wanted, run));
+        self.pace.settle();
         let inference = now.elapsed();
+        publish_expected_wait(
+            &self.metrics,
+            &self.labels,
+            &self.pace,
+            self.depth.load(Ordering::SeqCst),
+        );
         self.metrics
             .inference_duration
             .with_label_values(&self.labels.values())
@@ -413,6 +467,27 @@ impl<I, O> Worker<I, O> {
             .with_label_values(&self.labels.values())
             .inc_by(ran as u64);
         Self::answer(result, sizes, replies, inference);
+    }
+
+    /// One run through the engine in the model's CPU turn, timed for the pace (the wait for
+    /// the turn included: it is part of what a queued job waits). A panic in the engine fails
+    /// these inputs only; the worker goes on serving.
+    fn run_part<E: Engine<Input = I, Output = O>>(
+        &self,
+        engine: &mut E,
+        part: Vec<I>,
+    ) -> Result<Vec<O>, ModelError> {
+        let images = part.len();
+        let started = Instant::now();
+        self.pace.started(images);
+        let out = {
+            let _turn = self.cpu.as_ref().map(Member::turn);
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(part)))
+                .unwrap_or_else(|_| Err(ModelError::Inference("the model panicked".into())))
+        };
+        self.pace.record(images, started.elapsed());
+        self.pace.finished();
+        out
     }
 
     fn answer(
@@ -470,7 +545,8 @@ mod tests {
             ModelLabels::new("test", 1),
             config,
             Arc::new(Metrics::new()),
-            || Ok(Doubler),
+            None,
+            |_| Ok(Doubler),
         );
         assert!(started.blocking_recv().expect("started").is_ok());
         (b, handle)
@@ -542,7 +618,8 @@ mod tests {
             ModelLabels::new("one", 1),
             config,
             Arc::new(Metrics::new()),
-            move || Ok(engine),
+            None,
+            move |_| Ok(engine),
         );
         assert!(started.blocking_recv().expect("started").is_ok());
         let jobs = [vec![1], vec![2, 3], vec![4], vec![5]];
@@ -593,7 +670,8 @@ mod tests {
             ModelLabels::new("parts", 1),
             config,
             Arc::new(Metrics::new()),
-            move || Ok(engine),
+            None,
+            move |_| Ok(engine),
         );
         assert!(started.blocking_recv().expect("started").is_ok());
         // Whole when its caller waits: ten runs of one image.

@@ -100,7 +100,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
                 params: Default::default(),
             };
             let model = FasterRcnn::load(&args.weights, &config)?;
-            crate::alloc::tune_for_tensors();
+            crate::alloc::tune_for_model(model.largest_activation(args.batch.into()));
             Box::new(move || {
                 let prepared = images
                     .iter()
@@ -117,7 +117,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         }
         BenchModel::Classifier => {
             let model = Classifier::load(&args.weights, device, compute)?;
-            crate::alloc::tune_for_tensors();
+            crate::alloc::tune_for_model(model.largest_activation(args.batch.into()));
             Box::new(move || {
                 let prepared: Vec<_> = images
                     .iter()

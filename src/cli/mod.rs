@@ -444,7 +444,7 @@ fn detect(args: DetectArgs) -> anyhow::Result<ExitCode> {
         params: Default::default(),
     };
     let model = FasterRcnn::load(&resolve_weights(&args.weights, &args.cache)?, &config)?;
-    crate::alloc::tune_for_tensors();
+    crate::alloc::tune_for_model(model.largest_activation(1));
     let labels = Labels::for_detector(args.labels.as_deref(), model.family, model.num_classes)?;
     let mask_format = MaskFormat::parse(Some(&args.mask_format))?;
     let mask_threshold = (mask_format != MaskFormat::None).then_some(args.mask_threshold);
@@ -486,7 +486,7 @@ fn classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
         device,
         compute,
     )?;
-    crate::alloc::tune_for_tensors();
+    crate::alloc::tune_for_model(model.largest_activation(args.batch.batch_size.into()));
     let labels = Labels::for_model(args.labels.as_deref(), model.num_classes, Labels::imagenet)?;
     let resize = args.preset.resize();
     let failed = for_each_image(

@@ -285,6 +285,7 @@ fn start_models(args: &ServeArgs, metrics: &Arc<Metrics>) -> anyhow::Result<(Ser
         metrics: metrics.clone(),
         max_memory: args.max_memory_mb.map(|mb| mb << 20),
         defaults: settings_defaults(args),
+        cpu: crate::batch::CpuShare::new(),
     }));
     let starts = registry.start(all)?;
     let service = Service {

@@ -36,6 +36,14 @@ pub fn status(e: ServiceError) -> Status {
         | ServiceError::WrongTask { .. } => Status::not_found(message),
         ServiceError::NotReady(_) | ServiceError::Draining => Status::unavailable(message),
         ServiceError::QueueFull => Status::resource_exhausted(message),
+        // gRPC's retry policy reads this trailer as the time to wait before a retry.
+        ServiceError::Overloaded { retry_after_s, .. } => {
+            let mut status = Status::unavailable(message);
+            if let Ok(ms) = (retry_after_s * 1000).to_string().parse() {
+                status.metadata_mut().insert("grpc-retry-pushback-ms", ms);
+            }
+            status
+        }
         ServiceError::Timeout => Status::deadline_exceeded(message),
         ServiceError::Model(m) => {
             tracing::error!(error = %m, "internal error");
@@ -367,4 +375,22 @@ pub async fn serve(
         .await;
     tracker.abort();
     Ok(result?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overloaded_model_is_unavailable_with_a_retry_pushback() {
+        let s = status(ServiceError::Overloaded {
+            expected_s: 90.0,
+            budget_s: 60.0,
+            retry_after_s: 30,
+        });
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(s.message().contains("overloaded"), "{}", s.message());
+        let pushback = s.metadata().get("grpc-retry-pushback-ms");
+        assert_eq!(pushback.and_then(|v| v.to_str().ok()), Some("30000"));
+    }
 }

@@ -54,6 +54,9 @@ pub enum ApiError {
     Unauthorized,
     #[error("the queue is full; retry shortly")]
     QueueFull,
+    /// The expected wait is past the deadline: refused before decoding.
+    #[error("{message}")]
+    Overloaded { message: String, retry_after_s: u64 },
     #[error("{0}")]
     NotReady(String),
     #[error("the server is shutting down")]
@@ -84,9 +87,10 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::QueueFull => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::NotReady(_) | ApiError::Draining | ApiError::Busy(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::NotReady(_)
+            | ApiError::Draining
+            | ApiError::Busy(_)
+            | ApiError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -112,6 +116,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::Unauthorized => "unauthorized",
             ApiError::QueueFull => "queue_full",
+            ApiError::Overloaded { .. } => "overloaded",
             ApiError::NotReady(_) => "not_ready",
             ApiError::Draining => "draining",
             ApiError::Timeout => "timeout",
@@ -123,7 +128,7 @@ impl ApiError {
 impl ApiError {
     /// One of each variant the model endpoints answer, so the API document lists every status
     /// and code they can send (the admin API's load errors are not among them).
-    fn every() -> [ApiError; 19] {
+    fn every() -> [ApiError; 20] {
         let s = String::new;
         [
             ApiError::BadRequest(s()),
@@ -141,6 +146,10 @@ impl ApiError {
             ApiError::ModelNotFound(s()),
             ApiError::Unauthorized,
             ApiError::QueueFull,
+            ApiError::Overloaded {
+                message: s(),
+                retry_after_s: 1,
+            },
             ApiError::NotReady(s()),
             ApiError::Draining,
             ApiError::Timeout,
@@ -205,6 +214,10 @@ impl From<ServiceError> for ApiError {
             ServiceError::InvalidParameter(m) => ApiError::InvalidParameter(m),
             ServiceError::Draining => ApiError::Draining,
             ServiceError::QueueFull => ApiError::QueueFull,
+            ServiceError::Overloaded { retry_after_s, .. } => ApiError::Overloaded {
+                message: e.to_string(),
+                retry_after_s,
+            },
             ServiceError::Timeout => ApiError::Timeout,
             ServiceError::Model(m) => ApiError::Internal(m.to_string()),
         }
@@ -226,6 +239,9 @@ impl IntoResponse for ApiError {
         match self {
             ApiError::QueueFull | ApiError::Busy(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::Overloaded { retry_after_s, .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
             }
             // The rest of a slow body is not worth waiting for: the connection closes.
             ApiError::BodyTimeout(_) => {

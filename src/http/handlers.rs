@@ -2,7 +2,7 @@
 //! `#[utoipa::path]` is the API document's entry for its route.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
@@ -186,7 +186,7 @@ async fn detect_with(
     let render = render_format(params.render.take().as_deref(), images.len())?;
     // Bytes clones share the buffer; kept only when the image is to be drawn.
     let source = render.and_then(|f| Some((f, images.first()?.clone())));
-    let deadline = state.service.deadline(started, None);
+    let deadline = state.service.deadline(started, client_timeout(&headers)?);
     let answer = state
         .service
         .detect(model.as_deref(), images, &params.into(), deadline)
@@ -281,7 +281,7 @@ async fn classify_with(
         held: _held,
     } = read_body(&state, query, &headers, body).await?;
     let model = named.or(params.model.take());
-    let deadline = state.service.deadline(started, None);
+    let deadline = state.service.deadline(started, client_timeout(&headers)?);
     let answer = state
         .service
         .classify(model.as_deref(), images, &params.into(), deadline)
@@ -421,4 +421,25 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 
 pub async fn not_found() -> ApiError {
     ApiError::NotFound("no such endpoint".into())
+}
+
+/// The header in which a client gives its own deadline in milliseconds (the shorter of it and
+/// `--request-timeout-ms` applies, as gRPC's `grpc-timeout` does).
+pub const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
+
+fn client_timeout(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
+    let Some(value) = headers.get(TIMEOUT_HEADER) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&ms| ms > 0)
+        .map(|ms| Some(Duration::from_millis(ms)))
+        .ok_or_else(|| {
+            ApiError::InvalidParameter(format!(
+                "{TIMEOUT_HEADER}: {value:?} is not a positive number of milliseconds"
+            ))
+        })
 }

@@ -156,8 +156,13 @@ fn cors(origins: &[String]) -> CorsLayer {
     CorsLayer::new()
         .allow_origin(allow)
         .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
-        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, REQUEST_ID])
-        .expose_headers([REQUEST_ID, SERVER_TIMING])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            REQUEST_ID,
+            HeaderName::from_static(handlers::TIMEOUT_HEADER),
+        ])
+        .expose_headers([REQUEST_ID, SERVER_TIMING, header::RETRY_AFTER])
 }
 
 /// Bearer key check for the model endpoints; the page, health and metrics stay open.

@@ -46,6 +46,15 @@ pub struct Prediction {
 }
 
 impl Classifier {
+    /// Bytes of the largest activation of a CPU batch of `images` (the stem's output,
+    /// `64 × 112 × 112` f32 per image); 0 on a GPU.
+    pub fn largest_activation(&self, images: usize) -> usize {
+        if self.device.is_cuda() {
+            return 0;
+        }
+        64 * 112 * 112 * 4 * images.max(1)
+    }
+
     pub fn load(path: &Path, device: Device, compute: Compute) -> Result<Self, ModelError> {
         let sd = StateDict::load(path)?;
         let num_classes =

@@ -383,6 +383,18 @@ impl FasterRcnn {
 }
 
 impl FasterRcnn {
+    /// Bytes of the largest activation of a CPU pass over `images` images at the largest
+    /// input the resize makes (the stem's and layer1's outputs: 64 bytes per input pixel,
+    /// `64 × H/2 × W/2` f32); 0 on a GPU, whose activations are not in this process's heap.
+    pub fn largest_activation(&self, images: usize) -> usize {
+        if self.device.is_cuda() {
+            return 0;
+        }
+        let (h, w) = self.params.resize().largest_padded();
+        let per_image = 64 * (h.max(0) as usize) * (w.max(0) as usize);
+        per_image * images.min(self.images_per_forward).max(1)
+    }
+
     /// Mask R-CNN's masks and Keypoint R-CNN's keypoints for the final detections, as
     /// torchvision's RoIHeads and `postprocess` make them; the logits for a trace.
     fn instances(

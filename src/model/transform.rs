@@ -115,6 +115,12 @@ impl DetectorResize {
         )
     }
 
+    /// The largest padded input the resize can make: `min_size` by `max_size`, each rounded
+    /// up to the padding's multiple.
+    pub fn largest_padded(&self) -> (i64, i64) {
+        (round_up(self.min_size), round_up(self.max_size))
+    }
+
     /// Whether an `h`×`w` image can go through the resize.
     pub fn check(&self, h: i64, w: i64) -> Result<(), SizeError> {
         let (oh, ow) = self.size(h, w);

@@ -2,10 +2,12 @@
 //! request. Decoding is where a small file becomes large memory (a 150 KB PNG can hold 45
 //! megapixels), so images wait here for room instead of multiplying memory on tokio's 512
 //! blocking threads; each counts its own pixels plus those of its resized copy, known from
-//! the header before any pixel is decoded.
+//! the header before any pixel is decoded. It also measures its pace (seconds per pixel), so
+//! admission can tell how long the images waiting ahead will take to decode.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::Semaphore;
@@ -20,6 +22,26 @@ const PIXELS_PER_PERMIT: u64 = 1024;
 pub struct Decoding {
     permits: Arc<Semaphore>,
     budget: u32,
+    /// Pixels waiting for room or being decoded.
+    queued: Arc<AtomicU64>,
+    /// Moving average of seconds per pixel of decoding and preparing (None before the first).
+    pace: Arc<Mutex<Option<f64>>>,
+}
+
+/// Weight of the newest image in the moving average.
+const ALPHA: f64 = 0.3;
+
+/// Takes its pixels back out of the queued count however the work ends (done, refused, or its
+/// request dropped while it waited).
+struct Queued {
+    queued: Arc<AtomicU64>,
+    pixels: u64,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.queued.fetch_sub(self.pixels, Ordering::SeqCst);
+    }
 }
 
 impl Decoding {
@@ -31,7 +53,52 @@ impl Decoding {
         Self {
             permits: Arc::new(Semaphore::new(budget as usize)),
             budget,
+            queued: Arc::default(),
+            pace: Arc::default(),
         }
+    }
+
+    /// How long until images of `pixels` more pixels, behind those queued now, would be
+    /// decoded and prepared, at the measured pace (one at a time: the model's worker needs
+    /// the other cores). None before any image has been measured.
+    pub fn expected_wait(&self, pixels: u64) -> Option<Duration> {
+        let per_pixel = (*self.pace.lock().unwrap_or_else(|e| e.into_inner()))?;
+        let ahead = self.queued.load(Ordering::SeqCst);
+        Some(Duration::from_secs_f64((ahead + pixels) as f64 * per_pixel))
+    }
+
+    /// How long images of `pixels` pixels take to decode and prepare on an idle server.
+    pub fn expected_wait_alone(&self, pixels: u64) -> Option<Duration> {
+        let per_pixel = (*self.pace.lock().unwrap_or_else(|e| e.into_inner()))?;
+        Some(Duration::from_secs_f64(pixels as f64 * per_pixel))
+    }
+
+    /// What image `index` costs the budget in pixels (its own and its resized copy's), from
+    /// its header alone: refused here when it is too large or unusable for the model.
+    pub(crate) fn cost<I>(
+        &self,
+        index: usize,
+        bytes: &[u8],
+        max_pixels: u64,
+        preparer: &Preparer<I>,
+    ) -> Result<u64, ServiceError> {
+        let image_error = move |source| ServiceError::Image { index, source };
+        let (w, h) = imaging::probe(bytes).map_err(image_error)?;
+        let pixels = u64::from(w) * u64::from(h);
+        if pixels > max_pixels {
+            return Err(image_error(ImageError::TooLarge {
+                width: w,
+                height: h,
+                pixels,
+                limit: max_pixels,
+            }));
+        }
+        let (h, w) = (i64::from(h), i64::from(w));
+        (preparer.check)(h, w).map_err(|e| ServiceError::Unusable {
+            index,
+            reason: e.to_string(),
+        })?;
+        Ok(pixels.saturating_add((preparer.resized_pixels)(h, w)))
     }
 
     /// Pixels being decoded now, for tests and metrics.
@@ -50,22 +117,7 @@ impl Decoding {
         preparer: &Preparer<I>,
     ) -> Result<(Decoded, I), ServiceError> {
         let image_error = move |source| ServiceError::Image { index, source };
-        let (w, h) = imaging::probe(&bytes).map_err(image_error)?;
-        let pixels = u64::from(w) * u64::from(h);
-        if pixels > max_pixels {
-            return Err(image_error(ImageError::TooLarge {
-                width: w,
-                height: h,
-                pixels,
-                limit: max_pixels,
-            }));
-        }
-        let (h, w) = (i64::from(h), i64::from(w));
-        (preparer.check)(h, w).map_err(|e| ServiceError::Unusable {
-            index,
-            reason: e.to_string(),
-        })?;
-        let cost = pixels.saturating_add((preparer.resized_pixels)(h, w));
+        let cost = self.cost(index, &bytes, max_pixels, preparer)?;
         let prepare = preparer.prepare.clone();
         self.run(cost, deadline, move || {
             let img = imaging::decode(&bytes, max_pixels).map_err(image_error)?;
@@ -87,6 +139,11 @@ impl Decoding {
         deadline: Instant,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, ServiceError> {
+        let queued = Queued {
+            queued: self.queued.clone(),
+            pixels,
+        };
+        self.queued.fetch_add(pixels, Ordering::SeqCst);
         // One image larger than the whole budget takes all of it rather than waiting forever.
         let units = u32::try_from(pixels.div_ceil(PIXELS_PER_PERMIT))
             .unwrap_or(u32::MAX)
@@ -100,9 +157,16 @@ impl Decoding {
         .map_err(|_| ModelError::Inference("the decoding budget is closed".into()))?;
         // The permit moves with the work: it is held until the work ends even when the
         // request is dropped meanwhile, so the budget counts every pixel really in memory.
+        let pace = self.pace.clone();
         let done = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            work()
+            let _queued = queued;
+            let started = Instant::now();
+            let done = work();
+            let per_pixel = started.elapsed().as_secs_f64() / pixels.max(1) as f64;
+            let mut avg = pace.lock().unwrap_or_else(|e| e.into_inner());
+            *avg = Some(avg.map_or(per_pixel, |a| a + ALPHA * (per_pixel - a)));
+            done
         })
         .await
         .map_err(|e| ModelError::Inference(format!("decoding task failed: {e}")))?;

@@ -8,7 +8,7 @@ use tch::{Device, Tensor};
 
 use super::memory;
 use super::{ModelInfo, Preparer, Served, Tuned};
-use crate::batch::{BatchConfig, Batcher, Engine, ModelLabels};
+use crate::batch::{BatchConfig, Batcher, Engine, Member, ModelLabels, Pace};
 use crate::imaging::RgbImage;
 use crate::labels::{KeypointSchema, Labels};
 use crate::metrics::Metrics;
@@ -110,6 +110,10 @@ impl Engine for DetectorEngine {
     fn max_images_per_run(&self) -> usize {
         self.0.images_per_forward
     }
+
+    fn largest_activation(&self, images: usize) -> usize {
+        self.0.largest_activation(images)
+    }
 }
 
 struct ClassifierEngine(Classifier);
@@ -126,6 +130,10 @@ impl Engine for ClassifierEngine {
             preds.truncate(input.top_k);
         }
         Ok(out)
+    }
+
+    fn largest_activation(&self, images: usize) -> usize {
+        self.0.largest_activation(images)
     }
 }
 
@@ -234,23 +242,25 @@ type Agree<O> = Box<dyn Fn(&Vec<O>, &Vec<O>) -> f64 + Send>;
 impl<E: Engine> Plan<E> {
     /// `auto`'s trial (or, with a precision set, a warm-up pass over `images` trial images,
     /// so the first request is not the slow one): the engine to serve with, warm.
-    /// The version's memory is what loading added plus the warm-up's peak above that.
-    fn make(self) -> Result<(E, Tuned), ModelError> {
+    /// The version's memory is what loading added plus the warm-up's peak above that. The
+    /// warm runs' times seed `pace`, so admission can estimate waits from the first request.
+    fn make(self, pace: &Pace) -> Result<(E, Tuned), ModelError> {
         let loaded = self.loaded_bytes;
-        let (made, warm) = memory::measured(|| self.warm());
+        let (made, warm) = memory::measured(|| self.warm(pace));
         let (engine, mut tuned) = made?;
         tuned.memory_bytes = loaded.zip(warm).map(|(l, w)| l + w);
         Ok((engine, tuned))
     }
 
-    fn warm(self) -> Result<(E, Tuned), ModelError> {
+    fn warm(self, pace: &Pace) -> Result<(E, Tuned), ModelError> {
         let images = trial_images(self.images, TRIAL_SIZE);
         let input = self.input;
-        let pass = |engine: &mut E| run_all(engine, &images, self.per_run, &input);
+        let per_run = self.per_run.max(1);
+        let pass = |engine: &mut E| run_all(engine, &images, per_run, &input, None);
         match self.trial {
             None => {
                 let mut engine = self.engine;
-                pass(&mut engine)?;
+                run_all(&mut engine, &images, per_run, &input, Some(pace))?;
                 let tuned = Tuned {
                     precision: self.precision,
                     decision: None,
@@ -260,6 +270,16 @@ impl<E: Engine> Plan<E> {
             }
             Some(trial) => {
                 let (engine, decision) = tune(self.engine, &*self.load, trial, pass, self.agree)?;
+                // The chosen setting's best pass over the trial images, per run.
+                let runs = self.images.div_ceil(per_run).max(1);
+                if let Some(m) = decision
+                    .measured
+                    .iter()
+                    .find(|m| m.precision == decision.chosen)
+                {
+                    let per = std::time::Duration::from_secs_f64(m.seconds / runs as f64);
+                    pace.record(per_run.min(self.images.max(1)), per);
+                }
                 let tuned = Tuned {
                     precision: decision.precision().unwrap_or(Precision::Fp32),
                     decision: Some(decision),
@@ -326,17 +346,18 @@ fn plan_trial(
 pub fn start_detector(
     spec: DetectorSpec,
     batch: BatchConfig,
+    cpu: Option<Member>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Started<DetectInput, Vec<Detection>>> {
     let (plan, info, labels) = detector_plan(spec, &batch)?;
-    Ok(spawn_worker(plan, info, labels, batch, metrics))
+    Ok(spawn_worker(plan, info, labels, batch, cpu, metrics))
 }
 
 /// What `spec` runs in once warm (running `auto`'s trial when it is asked for), without
 /// serving it: `detectd bench --precision auto`.
 pub fn tune_detector(spec: DetectorSpec, batch: &BatchConfig) -> anyhow::Result<Tuned> {
     let (plan, _, _) = detector_plan(spec, batch)?;
-    Ok(plan.make()?.1)
+    Ok(plan.make(&Pace::default())?.1)
 }
 
 fn detector_plan(
@@ -413,6 +434,7 @@ fn spawn_worker<E: Engine + Send + 'static>(
     info: ModelInfo,
     labels: Labels,
     batch: BatchConfig,
+    cpu: Option<Member>,
     metrics: Arc<Metrics>,
 ) -> Started<E::Input, E::Output> {
     let labels_of_metrics = ModelLabels::new(&info.name, info.version);
@@ -420,10 +442,11 @@ fn spawn_worker<E: Engine + Send + 'static>(
     let served_tuned = tuned.clone();
     let gauge_info = info.clone();
     let worker_metrics = metrics.clone();
-    let (batcher, started, handle) = Batcher::spawn(labels_of_metrics, batch, metrics, move || {
-        let malloc = crate::alloc::tune_for_tensors();
+    let load = move |pace: &Pace| {
+        let largest = plan.engine.largest_activation(plan.per_run);
+        let malloc = crate::alloc::tune_for_model(largest);
         tracing::info!(?malloc, "weights loaded, warming up");
-        let (engine, result) = plan.make()?;
+        let (engine, result) = plan.make(pace)?;
         worker_metrics
             .model_info
             .with_label_values(&[
@@ -436,7 +459,8 @@ fn spawn_worker<E: Engine + Send + 'static>(
             .set(1);
         let _ = tuned.set(result);
         Ok(engine)
-    });
+    };
+    let (batcher, started, handle) = Batcher::spawn(labels_of_metrics, batch, metrics, cpu, load);
     (
         Served {
             batcher,
@@ -449,17 +473,26 @@ fn spawn_worker<E: Engine + Send + 'static>(
     )
 }
 
-/// Runs `images` through `engine` in runs of `per_run`, answers in order.
+/// Runs `images` through `engine` in runs of `per_run`, answers in order. With a `pace`, the
+/// runs are timed into it, all but a first of several (the cold one, which builds oneDNN's
+/// primitives and is slower than any that follow).
 fn run_all<E: Engine>(
     engine: &mut E,
     images: &[RgbImage],
     per_run: usize,
     input: impl Fn(&RgbImage) -> Result<E::Input, ModelError>,
+    pace: Option<&Pace>,
 ) -> Result<Vec<E::Output>, ModelError> {
     let mut out = Vec::with_capacity(images.len());
-    for run in images.chunks(per_run.max(1)) {
+    let runs = images.chunks(per_run.max(1));
+    let several = runs.len() > 1;
+    for (i, run) in runs.enumerate() {
         let inputs = run.iter().map(&input).collect::<Result<Vec<_>, _>>()?;
+        let started = std::time::Instant::now();
         out.extend(engine.run(inputs)?);
+        if let Some(pace) = pace.filter(|_| i > 0 || !several) {
+            pace.record(run.len(), started.elapsed());
+        }
     }
     Ok(out)
 }
@@ -517,16 +550,17 @@ fn tune<E: Engine>(
 pub fn start_classifier(
     spec: ClassifierSpec,
     batch: BatchConfig,
+    cpu: Option<Member>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Started<ClassifyInput, Vec<Prediction>>> {
     let (plan, info, labels) = classifier_plan(spec, &batch)?;
-    Ok(spawn_worker(plan, info, labels, batch, metrics))
+    Ok(spawn_worker(plan, info, labels, batch, cpu, metrics))
 }
 
 /// As `tune_detector`, for the classifier.
 pub fn tune_classifier(spec: ClassifierSpec, batch: &BatchConfig) -> anyhow::Result<Tuned> {
     let (plan, _, _) = classifier_plan(spec, batch)?;
-    Ok(plan.make()?.1)
+    Ok(plan.make(&Pace::default())?.1)
 }
 
 fn classifier_plan(

@@ -93,6 +93,14 @@ pub enum ServiceError {
     Draining,
     #[error("the queue is full")]
     QueueFull,
+    /// Refused at admission: the work queued ahead would keep it past its deadline.
+    #[error("overloaded: the expected wait of {expected_s:.1} s is past the request's deadline ({budget_s:.1} s); retry in {retry_after_s} s")]
+    Overloaded {
+        expected_s: f64,
+        budget_s: f64,
+        /// When the queue ahead is expected to have drained enough.
+        retry_after_s: u64,
+    },
     #[error("the request timed out")]
     Timeout,
     #[error("{0}")]
@@ -165,10 +173,11 @@ pub(crate) struct Preparer<I> {
 type Prepare<I> = Arc<dyn Fn(&imaging::RgbImage) -> Result<I, ModelError> + Send + Sync>;
 
 impl<I: Send + 'static, O: Send + 'static> Served<I, O> {
-    /// Reserves the job's room in the queue, then decodes and prepares each image on the
-    /// blocking pool within the decoding budget, queues them as one job and waits for the
-    /// answer until `deadline`. A request refused for its size or for a full queue costs no
-    /// decoding.
+    /// Reads each image's size from its header, refuses the request when its expected wait
+    /// is past `deadline`, reserves the job's room in the queue, then decodes and prepares
+    /// each image on the blocking pool within the decoding budget, queues them as one job and
+    /// waits for the answer until `deadline`. A request refused for its size, its expected
+    /// wait or a full queue costs no decoding.
     async fn infer(
         &self,
         images: Vec<bytes::Bytes>,
@@ -183,6 +192,12 @@ impl<I: Send + 'static, O: Send + 'static> Served<I, O> {
                 limit,
             });
         }
+        let pixels = images
+            .iter()
+            .enumerate()
+            .map(|(i, b)| limits.decoding.cost(i, b, limits.max_pixels, &preparer))
+            .sum::<Result<u64, _>>()?;
+        self.admit(images.len(), pixels, &limits.decoding, deadline)?;
         let reservation = self.batcher.reserve(images.len()).map_err(submit_error)?;
         let mut sizes = Vec::with_capacity(images.len());
         let mut inputs = Vec::with_capacity(images.len());
@@ -208,6 +223,48 @@ impl<I: Send + 'static, O: Send + 'static> Served<I, O> {
                 Ok((sizes, outputs, timing))
             }
         }
+    }
+}
+
+/// How much slower than measured the work ahead may turn out before an admitted request would
+/// miss its deadline: runs slow down while decoding competes for the cores, and the pace
+/// follows only after a few runs.
+const ADMISSION_MARGIN: f64 = 1.2;
+
+impl<I: Send + 'static, O: Send + 'static> Served<I, O> {
+    /// Sheds load at admission: a job whose expected answer time (decoding the pixels queued
+    /// ahead and its own, then the model's queue and its own runs, at their measured paces) is
+    /// past its deadline is refused now, not answered 504 a minute later. When even an empty
+    /// server could not answer it in time, that is a timeout at once; otherwise the server is
+    /// overloaded, and the refusal says when the work ahead should have drained enough.
+    fn admit(
+        &self,
+        images: usize,
+        pixels: u64,
+        decoding: &Decoding,
+        deadline: Instant,
+    ) -> Result<(), ServiceError> {
+        let Some(model) = self.batcher.expected_wait(images) else {
+            return Ok(()); // nothing measured yet
+        };
+        let decode = decoding.expected_wait(pixels).unwrap_or_default();
+        let expected = model + decode;
+        let budget = deadline.saturating_duration_since(Instant::now());
+        if expected.mul_f64(ADMISSION_MARGIN) <= budget {
+            return Ok(());
+        }
+        let alone = self.batcher.run_time(images).unwrap_or_default()
+            + decoding.expected_wait_alone(pixels).unwrap_or_default();
+        if alone > budget {
+            return Err(ServiceError::Timeout);
+        }
+        let late = expected.mul_f64(ADMISSION_MARGIN).saturating_sub(budget);
+        let retry_after_s = late.as_secs_f64().ceil().max(1.0) as u64;
+        Err(ServiceError::Overloaded {
+            expected_s: expected.as_secs_f64(),
+            budget_s: budget.as_secs_f64(),
+            retry_after_s,
+        })
     }
 }
 

@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::engines::{start_classifier, start_detector, ClassifierSpec, DetectorSpec};
 use super::settings::{ModelSettings, SettingsDefaults};
 use super::{ClassifierServed, DetectorServed, ModelInfo, ServiceError};
-use crate::batch::BatchConfig;
+use crate::batch::{BatchConfig, CpuShare};
 use crate::metrics::Metrics;
 use crate::model::autotune::Decision;
 use crate::model::detector::DetectorParams;
@@ -91,6 +91,7 @@ impl Drop for Version {
             &info.precision,
         ]);
         let _ = m.queue_depth.remove_label_values(&[&info.name, &v]);
+        let _ = m.expected_wait.remove_label_values(&[&info.name, &v]);
     }
 }
 
@@ -156,6 +157,8 @@ pub struct LoadContext {
     pub max_memory: Option<u64>,
     /// What a model's settings do not say (the server's flags), for admin loads.
     pub defaults: SettingsDefaults,
+    /// The turns every model on the CPU takes (each with its `weight`).
+    pub cpu: Arc<CpuShare>,
 }
 
 /// A model's name and the channel that answers when its first version is warm.
@@ -512,6 +515,8 @@ impl Registry {
         let device = device::resolve(settings.device).map_err(|e| failed(e.to_string()))?;
         let warmup_images = ctx.warmup_images.unwrap_or(settings.batch.max_batch_size);
         let batch = settings.batch;
+        // A GPU model's runs leave the CPU to the others: only CPU models take turns.
+        let cpu = (device == tch::Device::Cpu).then(|| ctx.cpu.join(settings.weight));
         let (model, started, worker) = match task {
             Task::Detect => {
                 let spec = DetectorSpec {
@@ -530,8 +535,9 @@ impl Registry {
                     min_agreement: ctx.min_agreement,
                     params: settings.detector,
                 };
-                let (served, started, worker) = start_detector(spec, batch, ctx.metrics.clone())
-                    .map_err(|e| failed(format!("{e:#}")))?;
+                let (served, started, worker) =
+                    start_detector(spec, batch, cpu, ctx.metrics.clone())
+                        .map_err(|e| failed(format!("{e:#}")))?;
                 let params = settings.detector;
                 (Loaded::Detector { served, params }, started, worker)
             }
@@ -548,8 +554,9 @@ impl Registry {
                     cache_dir: ctx.cache_dir.clone(),
                     min_agreement: ctx.min_agreement,
                 };
-                let (served, started, worker) = start_classifier(spec, batch, ctx.metrics.clone())
-                    .map_err(|e| failed(format!("{e:#}")))?;
+                let (served, started, worker) =
+                    start_classifier(spec, batch, cpu, ctx.metrics.clone())
+                        .map_err(|e| failed(format!("{e:#}")))?;
                 let preset = settings.preset;
                 (Loaded::Classifier { served, preset }, started, worker)
             }

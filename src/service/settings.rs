@@ -12,7 +12,7 @@ use crate::model::detector::DetectorParams;
 use crate::model::{ArchChoice, DeviceChoice, Named, Precision, Preset, Task};
 
 /// Every key a model takes, in the order `/v1/models` lists them.
-pub const KEYS: [&str; 21] = [
+pub const KEYS: [&str; 22] = [
     "source",
     "sha256",
     "task",
@@ -26,6 +26,7 @@ pub const KEYS: [&str; 21] = [
     "max_batch_size",
     "max_batch_delay_ms",
     "max_queue",
+    "weight",
     "min_size",
     "max_size",
     "box_score_thresh",
@@ -57,6 +58,8 @@ pub struct ModelSettings {
     pub device: DeviceChoice,
     pub precision: Precision,
     pub batch: BatchConfig,
+    /// Its share of the CPU against the other models when all are busy (weight over the sum).
+    pub weight: f64,
     pub detector: DetectorParams,
 }
 
@@ -163,6 +166,7 @@ impl ModelSettings {
             device: defaults.device,
             precision: defaults.precision,
             batch: defaults.batch,
+            weight: 1.0,
             detector: DetectorParams::default(),
         }
     }
@@ -236,6 +240,7 @@ impl ModelSettings {
                 self.batch.max_batch_delay = Duration::from_millis(in_range(value, 0, 60_000)?)
             }
             "max_queue" => self.batch.max_queue = in_range(value, 1, 1 << 20)?,
+            "weight" => self.weight = in_range(value, 0.01, 100.0)?,
             "min_size" => p.min_size = in_range(value, 1, MAX_SIDE)?,
             "max_size" => p.max_size = in_range(value, 1, MAX_SIDE)?,
             "box_score_thresh" => p.box_score_thresh = unit(value)?,
@@ -268,6 +273,7 @@ impl ModelSettings {
             json!(b.max_batch_size),
             json!(b.max_batch_delay.as_millis() as u64),
             json!(b.max_queue),
+            json!(self.weight),
             json!(p.min_size),
             json!(p.max_size),
             json!(p.box_score_thresh),
