@@ -28,7 +28,13 @@ Criteria (all must hold):
   their count before any traffic (+2), with 3 stalled connections of each kind (silent, half a
   request line, a slow body) opened at the stop and held by the client: the server's own
   timeouts must close them;
-- the server is alive at the end (and the RSS guard never had to kill it).
+- the server is alive at the end (and the RSS guard never had to kill it);
+- bursts, after the traffic: 32 clients each sending one 45-megapixel PNG to /detect at once
+  are all answered 200 or refused at admission (503 overloaded), with the server's peak RSS at
+  most BURST_BOUND_MB above its RSS before; then both models saturated at once (half the
+  clients on /detect, half on /classify, for SATURATION_S) are all answered, and each model
+  answers some; no valid request of any phase is answered 504 (past its deadline after being
+  admitted), and RSS settled after the bursts is within the growth limit of the end's.
 Findings that are not criteria (hostile requests answered otherwise than planned, stalled
 connections the server never closes) are listed after the criteria.
 """
@@ -70,6 +76,9 @@ FD_SLACK = 2
 END_PROBES = 3  # stalled connections of each kind opened at the end and left to the server
 RSS_GROWTH_LIMIT = 0.05
 READY_TIMEOUT_S = 300.0
+BURST_CLIENTS = 32
+BURST_BOUND_MB = 2000.0  # the README's bound for the default --max-decoding-pixels (64 M)
+SATURATION_S = 45.0
 
 # The server flags this script sets itself; --listen/--grpc-addr cannot be overridden (loopback
 # only), the others can be given after `--` instead of the defaults here.
@@ -643,7 +652,9 @@ class Soak:
         status = str(resp.status)
         failure = None
         if kind.valid and resp.status == 504:
-            pass  # the server's own deadline: bounded, counted in the tables, not a failure
+            # Admission refuses (503 overloaded) what its expected wait says cannot be answered
+            # in time: a 504 is an admitted request that missed its deadline.
+            failure = "valid request answered 504 after admission"
         elif kind.valid and resp.status not in kind.valid_ok:
             failure = f"valid request answered {status}{' ' + code if code else ''}"
         elif not kind.valid and resp.status >= 500 and resp.status not in (503, 504, 408):
@@ -1017,6 +1028,44 @@ class Soak:
         self.guard.track = False
         return sampler
 
+    async def bursts(self):
+        """After the traffic: a burst of large images, then both models saturated at once."""
+        big = encode(Image.new("RGB", (7500, 6000), (120, 110, 100)), "PNG")
+        post = request("POST", "/detect", [("Content-Type", "image/png")], big, close=True)
+        burst = Kind("burst_45mp", 0, "valid", f"POST /detect, 7500×6000 PNG ({len(big)} B), {BURST_CLIENTS} at once",
+                     ("200", "503 overloaded"), [post], [post])
+        self.kinds.append(burst)
+        await asyncio.sleep(3.0)
+        pid = self.server.pid
+        before = proc_status(pid, "VmRSS")
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        t = time.monotonic()
+        rng = random.Random(self.args.seed)
+        answers = await asyncio.gather(*(self.do_valid(Conn(), burst, rng) for _ in range(BURST_CLIENTS)))
+        peak = proc_status(pid, "VmHWM")
+        self.burst = (before, peak, collections.Counter(f"{s} {c}" if c else s for s, c in answers), time.monotonic() - t)
+        log(f"burst: {BURST_CLIENTS} × 45 MP to /detect in {self.burst[3]:.0f} s: {dict(self.burst[2])}; "
+            f"RSS {before:.0f} MB before, peak {peak:.0f} MB (+{peak - before:.0f}, bound +{BURST_BOUND_MB:.0f})")
+        detect, classify = (next(k for k in self.kinds if k.name == n) for n in ("detect_jpeg", "classify_jpeg"))
+        until = time.monotonic() + SATURATION_S
+        answered = collections.Counter()
+
+        async def loop(kind, i):
+            conn, r = Conn(), random.Random(self.args.seed + i)
+            try:
+                while time.monotonic() < until and self.server.alive():
+                    status, _ = await self.do_valid(conn, kind, r)
+                    answered[(kind.name, status)] += 1
+            finally:
+                conn.drop()
+        half = max(1, self.args.clients // 2)
+        await asyncio.gather(*(loop(detect if i < half else classify, i) for i in range(2 * half)))
+        self.saturation = answered
+        log("saturation: both models for " + f"{SATURATION_S:.0f} s: "
+            + ", ".join(f"{k} {s} ×{n}" for (k, s), n in sorted(answered.items())))
+        await self.settle("after the bursts")
+
     async def end_probe(self, kind, i):
         """A stalled connection opened as the traffic stops and held, with no client cap, until
         the server acts or the descriptor wait ends."""
@@ -1137,6 +1186,26 @@ def summarize(soak, args, shutdown, warm_s, duration_s):
         if soak.fd_after_close:
             text += f"; {soak.fd_after_close[0]} once the client closed its {soak.fd_after_close[2]} left"
         criteria.append((fd_ok, text + ")"))
+    burst = getattr(soak, "burst", None)
+    if burst:
+        before, peak, statuses, secs = burst
+        fine = all(k in ("200", "503 overloaded") for k in statuses)
+        criteria.append((fine and peak - before <= BURST_BOUND_MB,
+                         f"burst of {BURST_CLIENTS} × 45 MP: {', '.join(f'{k} ×{n}' for k, n in statuses.most_common())} "
+                         f"in {secs:.0f} s; peak RSS +{peak - before:.0f} MB above {before:.0f} MB (bound +{BURST_BOUND_MB:.0f})"))
+        sat = soak.saturation
+        per = {m: sat[(m, "200")] for m in ("detect_jpeg", "classify_jpeg")}
+        bad = {k: n for k, n in sat.items() if k[1] not in ("200", "503")}
+        criteria.append((all(per.values()) and not bad,
+                         f"both models saturated for {SATURATION_S:.0f} s: /detect {per['detect_jpeg']} answered, "
+                         f"/classify {per['classify_jpeg']}" + (f"; other answers {bad}" if bad else "")))
+        if "end" in soak.settled and "after the bursts" in soak.settled:
+            se, sb = soak.settled["end"][1], soak.settled["after the bursts"][1]
+            criteria.append((sb / se - 1 < RSS_GROWTH_LIMIT,
+                             f"settled RSS after the bursts {sb:.0f} MB, at the end of the traffic {se:.0f} MB "
+                             f"({(sb / se - 1) * 100:+.1f}%, limit +{RSS_GROWTH_LIMIT * 100:.0f}%)"))
+    elif not soak.interrupted:
+        criteria.append((False, "bursts: not run (the server was gone)"))
     alive = soak.server_death is None and shutdown is not None and shutdown[3]
     criteria.append((alive, "server alive at the end" if alive else f"server alive at the end: no — {soak.server_death or 'dead before the end'}"))
     if not full_run:
@@ -1408,6 +1477,8 @@ async def run(soak, args, duration, warm):
     log(f"traffic: {args.minutes:g} min from {args.clients} clients (stalled connections held in the background, "
         f"at most {soak.stall_limit} at a time)")
     sampler = await soak.traffic(duration, warm)
+    if soak.server.alive() and not soak.interrupted:
+        await soak.bursts()
     await soak.wait_descriptors(sampler)
     shutdown = None
     if soak.server.alive():

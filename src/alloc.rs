@@ -157,3 +157,108 @@ fn apply() -> Tuning {
 fn set_mmap_threshold(_bytes: usize) -> bool {
     false
 }
+
+/// Rust-side buffers at least this large (a decoded photo, a request body, an image waiting in
+/// a model's queue) get a mapping of their own, returned to the OS when freed: they come and
+/// go with requests, and in the heap they would sit between the model's activations.
+const MAPPED_MIN: usize = 4 << 20;
+
+/// The global allocator: the system's, except that large blocks are mapped on their own
+/// whatever glibc's mmap threshold says (which `tune_for_tensors` raises for libtorch's
+/// activations).
+pub struct Mapped;
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod mapped {
+    use std::alloc::{GlobalAlloc, Layout, System};
+
+    use super::{Mapped, MAPPED_MIN};
+
+    const PAGE: usize = 4096;
+
+    fn mapped(layout: &Layout) -> bool {
+        layout.size() >= MAPPED_MIN && layout.align() <= PAGE
+    }
+
+    // SAFETY: blocks are mapped or taken from the system allocator by their layout alone, and
+    // freed the same way, so every block goes back to where it came from.
+    unsafe impl GlobalAlloc for Mapped {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            if !mapped(&layout) {
+                return System.alloc(layout);
+            }
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                layout.size(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                std::ptr::null_mut()
+            } else {
+                p.cast()
+            }
+        }
+
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            if mapped(&layout) {
+                // Anonymous mappings are zeroed already.
+                self.alloc(layout)
+            } else {
+                System.alloc_zeroed(layout)
+            }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            if mapped(&layout) {
+                libc::munmap(ptr.cast(), layout.size());
+            } else {
+                System.dealloc(ptr, layout);
+            }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            let new = Layout::from_size_align_unchecked(new_size, layout.align());
+            if !mapped(&layout) && !mapped(&new) {
+                return System.realloc(ptr, layout, new_size);
+            }
+            if mapped(&layout) && mapped(&new) {
+                let p = libc::mremap(ptr.cast(), layout.size(), new_size, libc::MREMAP_MAYMOVE);
+                return if p == libc::MAP_FAILED {
+                    std::ptr::null_mut()
+                } else {
+                    p.cast()
+                };
+            }
+            let p = self.alloc(new);
+            if !p.is_null() {
+                std::ptr::copy_nonoverlapping(ptr, p, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+            p
+        }
+    }
+
+    #[global_allocator]
+    static GLOBAL: Mapped = Mapped;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn large_blocks_are_mapped_and_grow_and_shrink_across_the_threshold() {
+        let mut v: Vec<u8> = Vec::with_capacity(16);
+        for i in 0..(9u32 << 20) {
+            v.push(i as u8);
+        }
+        assert!(v.iter().enumerate().all(|(i, &b)| b == i as u8));
+        v.truncate(100);
+        v.shrink_to_fit();
+        assert_eq!(v.len(), 100);
+        assert!(v.iter().enumerate().all(|(i, &b)| b == i as u8));
+        let zeros = vec![0u64; 1 << 20];
+        assert!(zeros.iter().all(|&z| z == 0));
+    }
+}

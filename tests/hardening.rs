@@ -50,6 +50,19 @@ fn assert_peak_within(server: &Server, before: u64, bound: u64, what: &str) {
     );
 }
 
+/// The CPU, for tests that measure time: they run alone (`alone`), the others beside each
+/// other (`beside`). cargo runs a file's tests two at a time here, and a burst, a queue's
+/// pace or two models' shares measured while another test loads the cores would be off.
+static CPU: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn beside() -> std::sync::RwLockReadGuard<'static, ()> {
+    CPU.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn alone() -> std::sync::RwLockWriteGuard<'static, ()> {
+    CPU.write().unwrap_or_else(|e| e.into_inner())
+}
+
 fn assert_serves(server: &Server, path: &str) {
     let r = post(server, path, "image/png", png_of(64, 48));
     assert_eq!(r.status(), 200, "{path} after the refusals: {:?}", r.text());
@@ -57,6 +70,7 @@ fn assert_serves(server: &Server, path: &str) {
 
 #[test]
 fn degenerate_images_get_422_without_the_blow_up() {
+    let _cpu = beside();
     let server = both_models_server();
     let before = reset_peak(&server);
     // 1x20000 would become 232x4.64 M before the crop (13 GB of f32 in torchvision's order);
@@ -84,6 +98,7 @@ fn degenerate_images_get_422_without_the_blow_up() {
 
 #[test]
 fn too_many_images_are_refused_before_any_is_decoded() {
+    let _cpu = beside();
     let server = classifier_server(&["--max-images-per-request", "4", "--max-queue", "3"]);
     // Decompression-bomb headers: had any been looked at, the answer would be image_too_large.
     let bomb = png_header_claiming(60_000, 60_000);
@@ -141,6 +156,7 @@ fn metric(server: &Server, series: &str) -> f64 {
 
 #[test]
 fn a_job_stops_between_images_once_its_client_has_gone() {
+    let _cpu = beside();
     let server = Server::start(
         &[
             "--detector-weights",
@@ -185,6 +201,7 @@ fn a_job_stops_between_images_once_its_client_has_gone() {
 
 #[test]
 fn decoding_waits_for_room_instead_of_multiplying_memory() {
+    let _cpu = beside();
     // With its warm-up (the default, as served): the model's first pass allocates what every
     // later pass reuses (oneDNN's primitives, the heap the tuned allocator keeps), a one-time
     // cost of 400-600 MB on this path that is not the decoding this test bounds.
@@ -258,6 +275,7 @@ fn open_connections(server: &Server) -> f64 {
 
 #[test]
 fn stalled_headers_idle_sockets_and_slow_bodies_are_closed() {
+    let _cpu = beside();
     let server = classifier_server(&["--header-read-timeout-s", "2", "--body-read-timeout-s", "2"]);
     let before = reset_peak(&server);
     let mut stalled = Vec::new();
@@ -299,6 +317,7 @@ fn stalled_headers_idle_sockets_and_slow_bodies_are_closed() {
 
 #[test]
 fn at_the_connection_cap_new_clients_wait_for_a_free_place() {
+    let _cpu = beside();
     let server = classifier_server(&["--max-connections", "3"]);
     // Give the readiness poll's connection time to close.
     std::thread::sleep(Duration::from_millis(300));
@@ -321,6 +340,7 @@ fn at_the_connection_cap_new_clients_wait_for_a_free_place() {
 
 #[test]
 fn bodies_past_the_in_flight_budget_get_503_with_retry_after() {
+    let _cpu = beside();
     let server = classifier_server(&[
         "--max-inflight-bytes",
         "1000000",
@@ -353,6 +373,7 @@ fn detectd(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn the_cli_names_an_unusable_image_and_goes_on() {
+    let _cpu = beside();
     let dir = data_dir().join(format!("hardening-cli-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
@@ -489,6 +510,7 @@ const BURST_BOUND_MB: u64 = 2000;
 
 #[test]
 fn bursts_of_large_images_cost_the_decoding_budget_not_the_number_of_clients() {
+    let _cpu = alone();
     // Default flags: the decoding budget, queue and timeout as served.
     let server = Server::start(&["--detector-weights", &detector_weights()], true);
     // 7500x6000 = 45 megapixels, under every default limit, a few hundred bytes on the wire.
@@ -528,6 +550,7 @@ fn bursts_of_large_images_cost_the_decoding_budget_not_the_number_of_clients() {
 
 #[test]
 fn an_overloaded_model_refuses_at_admission_with_retry_after() {
+    let _cpu = alone();
     let server = Server::start(&["--detector-weights", &detector_weights()], true);
     let gauge = "detectd_expected_wait_seconds{model=\"detector\",version=\"1\"} ";
     // The warm-up measured one image's pass: what a request waits on an idle server.
@@ -667,6 +690,7 @@ fn task_path(model: &str) -> &'static str {
 
 #[test]
 fn two_saturated_models_share_the_cpu_by_their_weights() {
+    let _cpu = alone();
     let det = format!("det={},task=detect,weight=1", detector_weights());
     let cls = format!("cls={},task=classify,weight=1", classifier_weights());
     let server = Server::start(&["--model", &det, "--model", &cls], true);

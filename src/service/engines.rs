@@ -28,9 +28,48 @@ use crate::model::{
 /// A detector input: the image resized and normalized, and the request's score threshold
 /// (the model applies it before NMS, as torchvision applies its `box_score_thresh`).
 pub struct DetectInput {
-    prepared: Prepared,
+    prepared: Parked,
     score_threshold: f64,
     mask_threshold: Option<f64>,
+}
+
+/// A prepared image while it waits for the model: its f32 pixels in a Rust buffer, which the
+/// global allocator maps on its own (`alloc`), not a libtorch tensor in the heap the model's
+/// passes reuse. Queued inputs live for seconds; dozens of them (10 MB each at 800×1066) left
+/// between the activations fragmented that heap and grew it with every client of a burst.
+struct Parked {
+    pixels: Vec<f32>,
+    original: (i64, i64),
+    resized: (i64, i64),
+}
+
+impl Parked {
+    fn park(p: Prepared) -> Result<Self, ModelError> {
+        let numel = p.tensor.numel();
+        let mut pixels = vec![0f32; numel];
+        p.tensor
+            .f_contiguous()
+            .and_then(|t| t.f_copy_data(&mut pixels, numel))
+            .map_err(|e| ModelError::Inference(format!("parking an input: {e}")))?;
+        Ok(Self {
+            pixels,
+            original: p.original,
+            resized: p.resized,
+        })
+    }
+
+    /// The same pixels as a tensor again, for the run.
+    fn prepared(&self) -> Result<Prepared, ModelError> {
+        let (h, w) = self.resized;
+        let tensor = Tensor::f_from_slice(&self.pixels)
+            .and_then(|t| t.f_view([3, h, w]))
+            .map_err(|e| ModelError::Inference(format!("unparking an input: {e}")))?;
+        Ok(Prepared {
+            tensor,
+            original: self.original,
+            resized: self.resized,
+        })
+    }
 }
 
 impl DetectInput {
@@ -41,7 +80,7 @@ impl DetectInput {
         mask_threshold: Option<f64>,
     ) -> Result<Self, ModelError> {
         Ok(Self {
-            prepared: resize.prepare(&img.tensor)?,
+            prepared: Parked::park(resize.prepare(&img.tensor)?)?,
             score_threshold,
             mask_threshold,
         })
@@ -94,10 +133,15 @@ impl Engine for DetectorEngine {
     type Output = Vec<Detection>;
 
     fn run(&mut self, inputs: Vec<DetectInput>) -> Result<Vec<Vec<Detection>>, ModelError> {
+        let prepared = inputs
+            .iter()
+            .map(|i| i.prepared.prepared())
+            .collect::<Result<Vec<_>, _>>()?;
         let requests: Vec<DetectRequest> = inputs
             .iter()
-            .map(|i| DetectRequest {
-                image: &i.prepared,
+            .zip(&prepared)
+            .map(|(i, prepared)| DetectRequest {
+                image: prepared,
                 score_threshold: i.score_threshold,
                 mask_threshold: i.mask_threshold,
             })

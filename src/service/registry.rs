@@ -561,10 +561,10 @@ impl Registry {
                 (Loaded::Classifier { served, preset }, started, worker)
             }
         };
-        ctx.metrics
-            .queue_depth
-            .with_label_values(&[&settings.name, &number.to_string()])
-            .set(0);
+        // Series a dashboard or a test reads exist from the load on, at 0.
+        let labels = [settings.name.as_str(), &number.to_string()];
+        ctx.metrics.queue_depth.with_label_values(&labels).set(0);
+        ctx.metrics.images.with_label_values(&labels).inc_by(0);
         let version = Arc::new(Version {
             number,
             settings,
