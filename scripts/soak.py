@@ -77,7 +77,7 @@ END_PROBES = 3  # stalled connections of each kind opened at the end and left to
 RSS_GROWTH_LIMIT = 0.05
 READY_TIMEOUT_S = 300.0
 BURST_CLIENTS = 32
-BURST_BOUND_MB = 2000.0  # the README's bound for the default --max-decoding-pixels (64 M)
+BURST_BOUND_MB = 2200.0  # the README's bound for the default --max-decoding-pixels (64 M)
 SATURATION_S = 45.0
 
 # The server flags this script sets itself; --listen/--grpc-addr cannot be overridden (loopback

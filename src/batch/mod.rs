@@ -134,6 +134,7 @@ pub struct Batcher<I, O> {
     tx: Sender<Job<I, O>>,
     depth: Arc<AtomicUsize>,
     pace: Arc<Pace>,
+    cpu: Option<Arc<Member>>,
     ready: Arc<AtomicBool>,
     config: BatchConfig,
     metrics: Arc<Metrics>,
@@ -161,12 +162,14 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     {
         let (tx, rx) = mpsc::channel();
         let (started_tx, started_rx) = oneshot::channel();
+        let cpu = cpu.map(Arc::new);
         let thread = format!("{}-v{}", labels.model, labels.version);
         let batcher = Self {
             labels: labels.clone(),
             tx,
             depth: Arc::default(),
             pace: Arc::default(),
+            cpu: cpu.clone(),
             ready: Arc::default(),
             config,
             metrics,
@@ -213,11 +216,15 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     }
 
     /// How long a job of `images` would wait for its answer if queued now (the images queued
-    /// or reserved ahead of it, then its own), from the measured pace; None before any run
-    /// has been measured.
+    /// or reserved ahead of it, then its own), from the measured pace and the CPU's sharing
+    /// with the models busy now; None before any run has been measured.
     pub fn expected_wait(&self, images: usize) -> Option<Duration> {
-        self.pace
-            .expected_wait(self.depth.load(Ordering::SeqCst), images)
+        expected_wait(
+            &self.pace,
+            self.cpu.as_deref(),
+            self.depth.load(Ordering::SeqCst),
+            images,
+        )
     }
 
     /// How long a job of `images` takes with nothing ahead of it; None before any run has been
@@ -246,7 +253,8 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             .queue_depth
             .with_label_values(&self.labels.values())
             .set((before + images) as i64);
-        publish_expected_wait(&self.metrics, &self.labels, &self.pace, before + images);
+        let wait = self.expected_wait(1);
+        publish_expected_wait(&self.metrics, &self.labels, wait);
         Ok(reservation)
     }
 
@@ -296,14 +304,25 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
 /// A job's answer channel, how long it waited, its span and its deadline.
 type Waiting<O> = (oneshot::Sender<Reply<O>>, Duration, tracing::Span, Instant);
 
+/// `images` more behind `ahead`: the model's own CPU time for them (its pace) stretched by
+/// the other models that share the CPU now.
+fn expected_wait(
+    pace: &Pace,
+    cpu: Option<&Member>,
+    ahead: usize,
+    images: usize,
+) -> Option<Duration> {
+    let own = pace.expected_wait(ahead, images)?;
+    Some(own.mul_f64(cpu.map_or(1.0, Member::contention)))
+}
+
 /// What a new job of one image would wait, as the `detectd_expected_wait_seconds` gauge
 /// (0 until a run has been measured).
-fn publish_expected_wait(metrics: &Metrics, labels: &ModelLabels, pace: &Pace, depth: usize) {
-    let wait = pace.expected_wait(depth, 1).unwrap_or_default();
+fn publish_expected_wait(metrics: &Metrics, labels: &ModelLabels, wait: Option<Duration>) {
     metrics
         .expected_wait
         .with_label_values(&labels.values())
-        .set(wait.as_secs_f64());
+        .set(wait.unwrap_or_default().as_secs_f64());
 }
 
 /// Runs `inputs` through `guarded` at most `per_run` at a time, while `wanted` holds; also
@@ -342,7 +361,7 @@ struct Worker<I, O> {
     depth: Arc<AtomicUsize>,
     pace: Arc<Pace>,
     /// Its turns on the CPU, when it shares it with other models.
-    cpu: Option<Member>,
+    cpu: Option<Arc<Member>>,
     config: BatchConfig,
     metrics: Arc<Metrics>,
     /// A job that did not fit in the previous batch; it opens the next one.
@@ -357,7 +376,7 @@ impl<I, O> Worker<I, O> {
         self.per_run = limit;
         self.config.max_batch_size = self.config.max_batch_size.min(limit);
         self.pace.set_per_run(self.config.max_batch_size);
-        publish_expected_wait(&self.metrics, &self.labels, &self.pace, 0);
+        self.publish_expected_wait();
         while let Some(batch) = self.next_batch() {
             self.run(&mut engine, batch);
         }
@@ -448,12 +467,7 @@ impl<I, O> Worker<I, O> {
         let (result, ran) = span.in_scope(|| run_in_parts(inputs, self.per_run, wanted, run));
         self.pace.settle();
         let inference = now.elapsed();
-        publish_expected_wait(
-            &self.metrics,
-            &self.labels,
-            &self.pace,
-            self.depth.load(Ordering::SeqCst),
-        );
+        self.publish_expected_wait();
         self.metrics
             .inference_duration
             .with_label_values(&self.labels.values())
@@ -469,22 +483,26 @@ impl<I, O> Worker<I, O> {
         Self::answer(result, sizes, replies, inference);
     }
 
-    /// One run through the engine in the model's CPU turn, timed for the pace (the wait for
-    /// the turn included: it is part of what a queued job waits). A panic in the engine fails
-    /// these inputs only; the worker goes on serving.
+    fn publish_expected_wait(&self) {
+        let depth = self.depth.load(Ordering::SeqCst);
+        let wait = expected_wait(&self.pace, self.cpu.as_deref(), depth, 1);
+        publish_expected_wait(&self.metrics, &self.labels, wait);
+    }
+
+    /// One run through the engine in the model's CPU turn, timed for the pace from the turn
+    /// on (the pace is the model's own CPU time; sharing is counted when a wait is estimated).
+    /// A panic in the engine fails these inputs only; the worker goes on serving.
     fn run_part<E: Engine<Input = I, Output = O>>(
         &self,
         engine: &mut E,
         part: Vec<I>,
     ) -> Result<Vec<O>, ModelError> {
         let images = part.len();
+        let _turn = self.cpu.as_deref().map(Member::turn);
         let started = Instant::now();
         self.pace.started(images);
-        let out = {
-            let _turn = self.cpu.as_ref().map(Member::turn);
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(part)))
-                .unwrap_or_else(|_| Err(ModelError::Inference("the model panicked".into())))
-        };
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(part)))
+            .unwrap_or_else(|_| Err(ModelError::Inference("the model panicked".into())));
         self.pace.record(images, started.elapsed());
         self.pace.finished();
         out

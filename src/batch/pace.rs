@@ -16,7 +16,7 @@ pub struct Pace {
 
 #[derive(Default)]
 struct Inner {
-    /// Seconds a run took (waiting for its CPU turn included), by images in the run.
+    /// Seconds a run took from its CPU turn on, by images in the run.
     by_size: BTreeMap<usize, f64>,
     /// The run in progress: when it started and how long it is expected to take.
     running: Option<(Instant, f64)>,

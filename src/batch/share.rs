@@ -38,6 +38,8 @@ pub struct CpuShare {
 #[derive(Default)]
 struct State {
     busy: bool,
+    /// The member whose turn it is.
+    holder: Option<u64>,
     /// The virtual time of the last turn granted.
     clock: f64,
     members: Vec<MemberState>,
@@ -152,6 +154,7 @@ impl Member {
             };
         }
         state.busy = true;
+        state.holder = Some(self.id);
         if let Some(me) = state.member(self.id) {
             me.waiting = None;
             let used = me.used;
@@ -161,6 +164,36 @@ impl Member {
             member: self,
             started: Instant::now(),
         }
+    }
+}
+
+impl Member {
+    /// How much longer than its own CPU time a model's work takes now: 1 alone, and with other
+    /// models busy (waiting, computing, or between two runs) the sum of their weights and its
+    /// own over its own, as if they stay busy while it works (at the onset of contention the
+    /// estimate is right at once; after it, at once too).
+    pub fn contention(&self) -> f64 {
+        let state = self.share.lock();
+        let now = Instant::now();
+        let holder = state.holder;
+        let busy = |m: &&MemberState| {
+            m.waiting.is_some()
+                || holder == Some(m.id)
+                || m.released.is_some_and(|r| now < r + GRACE)
+        };
+        let mine = state
+            .members
+            .iter()
+            .find(|m| m.id == self.id)
+            .map_or(1.0, |m| m.weight);
+        let others: f64 = state
+            .members
+            .iter()
+            .filter(|m| m.id != self.id)
+            .filter(busy)
+            .map(|m| m.weight)
+            .sum();
+        (mine + others) / mine
     }
 }
 
@@ -189,6 +222,7 @@ impl Drop for Turn<'_> {
             me.released = Some(Instant::now());
         }
         state.busy = false;
+        state.holder = None;
         drop(state);
         share.free.notify_all();
     }
@@ -239,6 +273,22 @@ mod tests {
         let [a, b] = contend([3.0, 1.0], [10, 10]);
         let ratio = a / b;
         assert!((2.0..=4.5).contains(&ratio), "{a:.0} ms against {b:.0} ms");
+    }
+
+    #[test]
+    fn contention_counts_the_other_busy_models_by_weight() {
+        let share = CpuShare::new();
+        let a = share.join(1.0);
+        let b = share.join(3.0);
+        assert_eq!(a.contention(), 1.0);
+        let turn = b.turn();
+        assert_eq!(a.contention(), 4.0);
+        assert_eq!(b.contention(), 1.0, "`a` is idle");
+        drop(turn);
+        // Between two runs, `b` still counts; after the grace it does not.
+        assert_eq!(a.contention(), 4.0);
+        std::thread::sleep(GRACE);
+        assert_eq!(a.contention(), 1.0);
     }
 
     #[test]
