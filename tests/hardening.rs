@@ -549,44 +549,24 @@ fn bursts_of_large_images_cost_the_decoding_budget_not_the_number_of_clients() {
     assert_serves(&server, "/detect");
 }
 
-#[test]
-fn an_overloaded_model_refuses_at_admission_with_retry_after() {
-    let _cpu = alone();
-    let server = Server::start(&["--detector-weights", &detector_weights()], true);
-    let gauge = "detectd_expected_wait_seconds{model=\"detector\",version=\"1\"} ";
-    // The warm-up measured one image's pass: what a request waits on an idle server.
-    let one = series(&server, gauge);
-    assert!(one > 0.0, "no pace after the warm-up: {one}");
-    // Three one-image requests: one runs, two wait.
-    let small = png_of(640, 480);
-    let fill: Vec<_> = (0..3)
-        .map(|_| {
-            let (url, body) = (server.url("/detect"), small.clone());
-            std::thread::spawn(move || {
-                let r = client()
-                    .post(url)
-                    .header("content-type", "image/png")
-                    .body(body)
-                    .send()
-                    .expect("POST");
-                r.status().as_u16()
-            })
-        })
-        .collect();
+const EXPECTED_WAIT: &str = "detectd_expected_wait_seconds{model=\"detector\",version=\"1\"} ";
+
+/// Once two images wait behind a running one on `server`'s detector (one pass: `one` s), a
+/// request whose deadline (`timeout_ms`) is 2.5 passes is refused at once with 503 overloaded.
+fn overload(server: &Server, one: f64, timeout_ms: u64) {
     let depth = "detectd_queue_depth{model=\"detector\",version=\"1\"} ";
     let until = Instant::now() + Duration::from_secs(30);
-    while series(&server, depth) < 2.0 {
+    while series(server, depth) < 2.0 {
         assert!(Instant::now() < until, "the queue never held two images");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let queued_wait = series(&server, gauge);
+    let queued_wait = series(server, EXPECTED_WAIT);
     assert!(
         queued_wait >= 2.0 * one,
         "expected wait {queued_wait} s, one pass {one} s"
     );
-    // A client whose deadline is 2.5 passes: it would be answered after about four. Its
-    // image is 45 megapixels, which takes seconds to decode: the refusal comes before that.
-    let timeout_ms = (2500.0 * one) as u64;
+    // It would be answered after about four passes. Its image is 45 megapixels, which takes
+    // seconds to decode: the refusal comes before that.
     let started = Instant::now();
     let r = client()
         .post(server.url("/detect"))
@@ -608,10 +588,26 @@ fn an_overloaded_model_refuses_at_admission_with_retry_after() {
     assert_error("past its deadline", r, 503, "overloaded");
     assert!(refused_in < Duration::from_millis(500), "{refused_in:?}");
     assert!(retry_after >= 1 && (retry_after as f64) <= 4.0 * one + 1.0);
-    // The work ahead of it is answered, not timed out.
-    for h in fill {
-        assert_eq!(h.join().expect("client"), 200);
-    }
+}
+
+#[test]
+fn an_overloaded_model_refuses_at_admission_with_retry_after() {
+    let _cpu = alone();
+    let server = Server::start(&["--detector-weights", &detector_weights()], true);
+    // The warm-up measured one image's pass: what a request waits on an idle server.
+    let one = series(&server, EXPECTED_WAIT);
+    assert!(one > 0.0, "no pace after the warm-up: {one}");
+    // A client whose deadline is 2.5 passes.
+    let timeout_ms = (2500.0 * one) as u64;
+    // Three one-image requests: one runs, two wait.
+    let small = png_of(640, 480);
+    std::thread::scope(|scope| {
+        let fill = scope.spawn(|| burst(&server, "/detect", &small, 3));
+        overload(&server, one, timeout_ms);
+        // The work ahead of the refused request is answered, not timed out.
+        let answers = fill.join().expect("clients");
+        assert!(answers.iter().all(|a| a.0 == 200), "{answers:?}");
+    });
     // The same deadline on an idle server is met.
     let r = client()
         .post(server.url("/detect"))

@@ -43,6 +43,12 @@ pub trait Engine: 'static {
         usize::MAX
     }
 
+    /// The work one input is, in units the engine chooses (a detector: its padded input's
+    /// pixels), for scaling a request's expected run time against the average input's.
+    fn units(&self, _input: &Self::Input) -> u64 {
+        1
+    }
+
     /// Bytes of the largest tensor a run of `images` allocates in this process's heap (0 when
     /// the model runs elsewhere, on a GPU): what the heap keeps for the next run.
     fn largest_activation(&self, _images: usize) -> usize {
@@ -215,22 +221,19 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         self.ready.load(Ordering::SeqCst)
     }
 
-    /// How long a job of `images` would wait for its answer if queued now (the images queued
-    /// or reserved ahead of it, then its own), from the measured pace and the CPU's sharing
-    /// with the models busy now; None before any run has been measured.
-    pub fn expected_wait(&self, images: usize) -> Option<Duration> {
-        expected_wait(
-            &self.pace,
-            self.cpu.as_deref(),
-            self.depth.load(Ordering::SeqCst),
-            images,
-        )
+    /// How long a job of `images` (of `units` work, see `Engine::units`; None: average ones)
+    /// would wait for its answer if queued now (the images queued or reserved ahead of it,
+    /// then its own), from the measured pace and the CPU's sharing with the models busy now;
+    /// None before any run has been measured.
+    pub fn expected_wait(&self, images: usize, units: Option<u64>) -> Option<Duration> {
+        let ahead = self.depth.load(Ordering::SeqCst);
+        expected_wait(&self.pace, self.cpu.as_deref(), ahead, images, units)
     }
 
-    /// How long a job of `images` takes with nothing ahead of it; None before any run has been
-    /// measured.
-    pub fn run_time(&self, images: usize) -> Option<Duration> {
-        self.pace.run_time(images)
+    /// How long a job of `images` (of `units` work) takes with nothing ahead of it; None
+    /// before any run has been measured.
+    pub fn run_time(&self, images: usize, units: Option<u64>) -> Option<Duration> {
+        self.pace.run_time(images, units)
     }
 
     /// Reserves room for `images` images. Refused at once when they would overfill the queue,
@@ -253,7 +256,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             .queue_depth
             .with_label_values(&self.labels.values())
             .set((before + images) as i64);
-        let wait = self.expected_wait(1);
+        let wait = self.expected_wait(1, None);
         publish_expected_wait(&self.metrics, &self.labels, wait);
         Ok(reservation)
     }
@@ -304,15 +307,16 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
 /// A job's answer channel, how long it waited, its span and its deadline.
 type Waiting<O> = (oneshot::Sender<Reply<O>>, Duration, tracing::Span, Instant);
 
-/// `images` more behind `ahead`: the model's own CPU time for them (its pace) stretched by
-/// the other models that share the CPU now.
+/// `images` more (of `units` work; None: average ones) behind `ahead`: the model's own CPU
+/// time for them (its pace) stretched by the other models that share the CPU now.
 fn expected_wait(
     pace: &Pace,
     cpu: Option<&Member>,
     ahead: usize,
     images: usize,
+    units: Option<u64>,
 ) -> Option<Duration> {
-    let own = pace.expected_wait(ahead, images)?;
+    let own = pace.expected_wait(ahead, images, units)?;
     Some(own.mul_f64(cpu.map_or(1.0, Member::contention)))
 }
 
@@ -485,7 +489,7 @@ impl<I, O> Worker<I, O> {
 
     fn publish_expected_wait(&self) {
         let depth = self.depth.load(Ordering::SeqCst);
-        let wait = expected_wait(&self.pace, self.cpu.as_deref(), depth, 1);
+        let wait = expected_wait(&self.pace, self.cpu.as_deref(), depth, 1, None);
         publish_expected_wait(&self.metrics, &self.labels, wait);
     }
 
@@ -498,12 +502,13 @@ impl<I, O> Worker<I, O> {
         part: Vec<I>,
     ) -> Result<Vec<O>, ModelError> {
         let images = part.len();
+        let units = part.iter().map(|i| engine.units(i)).sum();
         let _turn = self.cpu.as_deref().map(Member::turn);
         let started = Instant::now();
         self.pace.started(images);
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(part)))
             .unwrap_or_else(|_| Err(ModelError::Inference("the model panicked".into())));
-        self.pace.record(images, started.elapsed());
+        self.pace.record(images, units, started.elapsed());
         self.pace.finished();
         out
     }

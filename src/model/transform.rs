@@ -23,7 +23,12 @@ impl Prepared {
     /// The padded size this image gets when batched alone: images that share it can share a
     /// batch without changing each other's results.
     pub fn padded(&self) -> (i64, i64) {
-        (round_up(self.resized.0), round_up(self.resized.1))
+        Self::padded_size(self.resized.0, self.resized.1)
+    }
+
+    /// The padded size of an image resized to `h`×`w`.
+    pub fn padded_size(h: i64, w: i64) -> (i64, i64) {
+        (round_up(h), round_up(w))
     }
 }
 
@@ -119,6 +124,12 @@ impl DetectorResize {
     /// up to the padding's multiple.
     pub fn largest_padded(&self) -> (i64, i64) {
         (round_up(self.min_size), round_up(self.max_size))
+    }
+
+    /// The work an `h`×`w` image is for the detector: the pixels of its padded input.
+    pub fn units(&self, h: i64, w: i64) -> u64 {
+        let (oh, ow) = self.size(h, w);
+        (round_up(oh).max(0) as u64) * (round_up(ow).max(0) as u64)
     }
 
     /// Whether an `h`×`w` image can go through the resize.

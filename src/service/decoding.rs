@@ -28,8 +28,34 @@ pub struct Decoding {
     pace: Arc<Mutex<Option<f64>>>,
 }
 
+/// What images cost: pixels of the decoding budget (their own and their resized copies'), and
+/// the model's units of work (`Engine::units`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Cost {
+    pub pixels: u64,
+    pub units: u64,
+}
+
+impl std::ops::AddAssign for Cost {
+    fn add_assign(&mut self, other: Self) {
+        self.pixels = self.pixels.saturating_add(other.pixels);
+        self.units = self.units.saturating_add(other.units);
+    }
+}
+
 /// Weight of the newest image in the moving average.
 const ALPHA: f64 = 0.3;
+
+/// Images smaller than this are timed as if they had this many pixels: their time is mostly
+/// fixed costs, which would otherwise price a large image's pixels far too high.
+const PACE_MIN_PIXELS: u64 = 1 << 20;
+
+/// Adds an image of `pixels` that took `took` to decode and prepare to the moving average.
+fn record(pace: &Mutex<Option<f64>>, pixels: u64, took: Duration) {
+    let per_pixel = took.as_secs_f64() / pixels.max(PACE_MIN_PIXELS) as f64;
+    let mut avg = pace.lock().unwrap_or_else(|e| e.into_inner());
+    *avg = Some(avg.map_or(per_pixel, |a| a + ALPHA * (per_pixel - a)));
+}
 
 /// Takes its pixels back out of the queued count however the work ends (done, refused, or its
 /// request dropped while it waited).
@@ -73,15 +99,15 @@ impl Decoding {
         Some(Duration::from_secs_f64(pixels as f64 * per_pixel))
     }
 
-    /// What image `index` costs the budget in pixels (its own and its resized copy's), from
-    /// its header alone: refused here when it is too large or unusable for the model.
+    /// What image `index` costs, from its header alone: refused here when it is too large or
+    /// unusable for the model.
     pub(crate) fn cost<I>(
         &self,
         index: usize,
         bytes: &[u8],
         max_pixels: u64,
         preparer: &Preparer<I>,
-    ) -> Result<u64, ServiceError> {
+    ) -> Result<Cost, ServiceError> {
         let image_error = move |source| ServiceError::Image { index, source };
         let (w, h) = imaging::probe(bytes).map_err(image_error)?;
         let pixels = u64::from(w) * u64::from(h);
@@ -98,7 +124,10 @@ impl Decoding {
             index,
             reason: e.to_string(),
         })?;
-        Ok(pixels.saturating_add((preparer.resized_pixels)(h, w)))
+        Ok(Cost {
+            pixels: pixels.saturating_add((preparer.resized_pixels)(h, w)),
+            units: (preparer.units)(h, w),
+        })
     }
 
     /// Pixels being decoded now, for tests and metrics.
@@ -117,11 +146,14 @@ impl Decoding {
         preparer: &Preparer<I>,
     ) -> Result<(Decoded, I), ServiceError> {
         let image_error = move |source| ServiceError::Image { index, source };
-        let cost = self.cost(index, &bytes, max_pixels, preparer)?;
+        let cost = self.cost(index, &bytes, max_pixels, preparer)?.pixels;
         let prepare = preparer.prepare.clone();
+        let pace = self.pace.clone();
         self.run(cost, deadline, move || {
+            let started = Instant::now();
             let img = imaging::decode(&bytes, max_pixels).map_err(image_error)?;
             let input = prepare(&img)?;
+            record(&pace, cost, started.elapsed());
             let size = Decoded {
                 width: img.width,
                 height: img.height,
@@ -157,16 +189,10 @@ impl Decoding {
         .map_err(|_| ModelError::Inference("the decoding budget is closed".into()))?;
         // The permit moves with the work: it is held until the work ends even when the
         // request is dropped meanwhile, so the budget counts every pixel really in memory.
-        let pace = self.pace.clone();
         let done = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let _queued = queued;
-            let started = Instant::now();
-            let done = work();
-            let per_pixel = started.elapsed().as_secs_f64() / pixels.max(1) as f64;
-            let mut avg = pace.lock().unwrap_or_else(|e| e.into_inner());
-            *avg = Some(avg.map_or(per_pixel, |a| a + ALPHA * (per_pixel - a)));
-            done
+            work()
         })
         .await
         .map_err(|e| ModelError::Inference(format!("decoding task failed: {e}")))?;

@@ -43,6 +43,15 @@ struct Parked {
     resized: (i64, i64),
 }
 
+impl DetectInput {
+    /// The pixels of its padded input: the work `DetectorResize::units` counts.
+    fn units(&self) -> u64 {
+        let (h, w) = self.prepared.resized;
+        let padded = Prepared::padded_size(h, w);
+        (padded.0.max(0) as u64) * (padded.1.max(0) as u64)
+    }
+}
+
 impl Parked {
     fn park(p: Prepared) -> Result<Self, ModelError> {
         let numel = p.tensor.numel();
@@ -94,6 +103,7 @@ impl DetectInput {
         Preparer {
             check: Box::new(move |h, w| resize.check(h, w)),
             resized_pixels: Box::new(move |h, w| pixels(resize.size(h, w))),
+            units: Box::new(move |h, w| resize.units(h, w)),
             prepare: Arc::new(move |img| Self::new(img, resize, score_threshold, mask_threshold)),
         }
     }
@@ -121,6 +131,8 @@ impl ClassifyInput {
         Preparer {
             check: Box::new(move |h, w| check_classifier(h, w, resize)),
             resized_pixels: Box::new(move |h, w| pixels(classifier_size(h, w, resize))),
+            // Every image is a 224 crop: one unit, as `Engine::units` counts by default.
+            units: Box::new(|_, _| 1),
             prepare: Arc::new(move |img| Self::new(img, preset, top_k)),
         }
     }
@@ -153,6 +165,10 @@ impl Engine for DetectorEngine {
     /// first answers back until the last image is done.
     fn max_images_per_run(&self) -> usize {
         self.0.images_per_forward
+    }
+
+    fn units(&self, input: &DetectInput) -> u64 {
+        input.units()
     }
 
     fn largest_activation(&self, images: usize) -> usize {
@@ -316,13 +332,13 @@ impl<E: Engine> Plan<E> {
                 let (engine, decision) = tune(self.engine, &*self.load, trial, pass, self.agree)?;
                 // The chosen setting's best pass over the trial images, per run.
                 let runs = self.images.div_ceil(per_run).max(1);
-                if let Some(m) = decision
-                    .measured
-                    .iter()
-                    .find(|m| m.precision == decision.chosen)
-                {
+                let run = per_run.min(self.images.max(1));
+                let chosen = |m: &&autotune::Measured| m.precision == decision.chosen;
+                let measured = decision.measured.iter().find(chosen);
+                if let (Some(m), Some(first)) = (measured, images.first()) {
+                    let units = input(first).map_or(1, |i| engine.units(&i)) * run as u64;
                     let per = std::time::Duration::from_secs_f64(m.seconds / runs as f64);
-                    pace.record(per_run.min(self.images.max(1)), per);
+                    pace.record(run, units, per);
                 }
                 let tuned = Tuned {
                     precision: decision.precision().unwrap_or(Precision::Fp32),
@@ -532,10 +548,11 @@ fn run_all<E: Engine>(
     let several = runs.len() > 1;
     for (i, run) in runs.enumerate() {
         let inputs = run.iter().map(&input).collect::<Result<Vec<_>, _>>()?;
+        let units = inputs.iter().map(|i| engine.units(i)).sum();
         let started = std::time::Instant::now();
         out.extend(engine.run(inputs)?);
         if let Some(pace) = pace.filter(|_| i > 0 || !several) {
-            pace.record(run.len(), started.elapsed());
+            pace.record(run.len(), units, started.elapsed());
         }
     }
     Ok(out)

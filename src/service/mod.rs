@@ -166,6 +166,8 @@ pub struct Decoded {
 pub(crate) struct Preparer<I> {
     check: Box<dyn Fn(i64, i64) -> Result<(), SizeError> + Send + Sync>,
     resized_pixels: Box<dyn Fn(i64, i64) -> u64 + Send + Sync>,
+    /// The model's work for the image (`Engine::units`), for its expected run time.
+    units: Box<dyn Fn(i64, i64) -> u64 + Send + Sync>,
     prepare: Prepare<I>,
 }
 
@@ -192,12 +194,11 @@ impl<I: Send + 'static, O: Send + 'static> Served<I, O> {
                 limit,
             });
         }
-        let pixels = images
-            .iter()
-            .enumerate()
-            .map(|(i, b)| limits.decoding.cost(i, b, limits.max_pixels, &preparer))
-            .sum::<Result<u64, _>>()?;
-        self.admit(images.len(), pixels, &limits.decoding, deadline)?;
+        let mut cost = decoding::Cost::default();
+        for (i, b) in images.iter().enumerate() {
+            cost += limits.decoding.cost(i, b, limits.max_pixels, &preparer)?;
+        }
+        self.admit(images.len(), cost, &limits.decoding, deadline)?;
         let reservation = self.batcher.reserve(images.len()).map_err(submit_error)?;
         let mut sizes = Vec::with_capacity(images.len());
         let mut inputs = Vec::with_capacity(images.len());
@@ -240,20 +241,22 @@ impl<I: Send + 'static, O: Send + 'static> Served<I, O> {
     fn admit(
         &self,
         images: usize,
-        pixels: u64,
+        cost: decoding::Cost,
         decoding: &Decoding,
         deadline: Instant,
     ) -> Result<(), ServiceError> {
-        let Some(model) = self.batcher.expected_wait(images) else {
+        let units = Some(cost.units);
+        let Some(model) = self.batcher.expected_wait(images, units) else {
             return Ok(()); // nothing measured yet
         };
+        let pixels = cost.pixels;
         let decode = decoding.expected_wait(pixels).unwrap_or_default();
         let expected = model + decode;
         let budget = deadline.saturating_duration_since(Instant::now());
         if expected.mul_f64(ADMISSION_MARGIN) <= budget {
             return Ok(());
         }
-        let alone = self.batcher.run_time(images).unwrap_or_default()
+        let alone = self.batcher.run_time(images, units).unwrap_or_default()
             + decoding.expected_wait_alone(pixels).unwrap_or_default();
         if alone > budget {
             return Err(ServiceError::Timeout);
