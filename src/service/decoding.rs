@@ -88,9 +88,7 @@ impl Decoding {
     /// decoded and prepared, at the measured pace (one at a time: the model's worker needs
     /// the other cores). None before any image has been measured.
     pub fn expected_wait(&self, pixels: u64) -> Option<Duration> {
-        let per_pixel = (*self.pace.lock().unwrap_or_else(|e| e.into_inner()))?;
-        let ahead = self.queued.load(Ordering::SeqCst);
-        Some(Duration::from_secs_f64((ahead + pixels) as f64 * per_pixel))
+        self.expected_wait_alone(self.queued.load(Ordering::SeqCst) + pixels)
     }
 
     /// How long images of `pixels` pixels take to decode and prepare on an idle server.
@@ -135,18 +133,18 @@ impl Decoding {
         (self.budget as u64 - self.permits.available_permits() as u64) * PIXELS_PER_PERMIT
     }
 
-    /// Checks image `index` from its header, waits (until `deadline`) for room to decode it,
-    /// then decodes and prepares it on the blocking pool.
+    /// Waits (until `deadline`) for room to decode image `index`, whose `cost` was read from
+    /// its header, then decodes and prepares it on the blocking pool.
     pub(crate) async fn prepare<I: Send + 'static>(
         &self,
         index: usize,
         bytes: Bytes,
+        cost: u64,
         max_pixels: u64,
         deadline: Instant,
         preparer: &Preparer<I>,
     ) -> Result<(Decoded, I), ServiceError> {
         let image_error = move |source| ServiceError::Image { index, source };
-        let cost = self.cost(index, &bytes, max_pixels, preparer)?.pixels;
         let prepare = preparer.prepare.clone();
         let pace = self.pace.clone();
         self.run(cost, deadline, move || {

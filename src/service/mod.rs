@@ -194,18 +194,29 @@ impl<I: Send + 'static, O: Send + 'static> Served<I, O> {
                 limit,
             });
         }
+        // Each header is read once: its cost serves admission and the decoding budget.
+        let costs = images
+            .iter()
+            .enumerate()
+            .map(|(i, b)| limits.decoding.cost(i, b, limits.max_pixels, &preparer))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut cost = decoding::Cost::default();
-        for (i, b) in images.iter().enumerate() {
-            cost += limits.decoding.cost(i, b, limits.max_pixels, &preparer)?;
-        }
+        costs.iter().for_each(|c| cost += *c);
         self.admit(images.len(), cost, &limits.decoding, deadline)?;
         let reservation = self.batcher.reserve(images.len()).map_err(submit_error)?;
         let mut sizes = Vec::with_capacity(images.len());
         let mut inputs = Vec::with_capacity(images.len());
-        for (index, bytes) in images.into_iter().enumerate() {
+        for ((index, bytes), cost) in images.into_iter().enumerate().zip(costs) {
             let (size, input) = limits
                 .decoding
-                .prepare(index, bytes, limits.max_pixels, deadline, &preparer)
+                .prepare(
+                    index,
+                    bytes,
+                    cost.pixels,
+                    limits.max_pixels,
+                    deadline,
+                    &preparer,
+                )
                 .await?;
             sizes.push(size);
             inputs.push(input);
