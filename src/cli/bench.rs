@@ -38,9 +38,9 @@ pub struct BenchArgs {
     /// Images per call.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub batch: u16,
-    /// Image size, HxW.
-    #[arg(long, default_value = "800x1216")]
-    pub size: String,
+    /// Image size, HxW (each side 1..=10000; out of range is a usage error).
+    #[arg(long, default_value = "800x1216", value_parser = parse_size)]
+    pub size: (i64, i64),
     /// Timed calls (after one warm-up call).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub iters: u32,
@@ -60,20 +60,17 @@ pub struct BenchArgs {
     pub boxes_only: bool,
 }
 
-fn parse_size(s: &str) -> anyhow::Result<(i64, i64)> {
-    let (h, w) = s
-        .split_once('x')
-        .ok_or_else(|| anyhow::anyhow!("--size is HxW"))?;
-    let (h, w): (i64, i64) = (h.parse()?, w.parse()?);
-    if !(1..=10_000).contains(&h) || !(1..=10_000).contains(&w) {
-        anyhow::bail!("--size {s}: each side must be within 1..=10000");
+fn parse_size(s: &str) -> Result<(i64, i64), String> {
+    let side = |v: &str| v.parse::<i64>().ok().filter(|v| (1..=10_000).contains(v));
+    match s.split_once('x').map(|(h, w)| (side(h), side(w))) {
+        Some((Some(h), Some(w))) => Ok((h, w)),
+        _ => Err(format!("{s}: HxW, each side within 1..=10000")),
     }
-    Ok((h, w))
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
     let (device, _) = args.runtime.resolve()?;
-    let (h, w) = parse_size(&args.size)?;
+    let (h, w) = args.size;
     let (precision, trial) = match args.runtime.precision {
         Precision::Auto => {
             let tuned = auto(&args, device)?;
@@ -151,7 +148,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<std::process::ExitCode> {
         "ran": precision.name(),
         "trial": trial,
         "batch": args.batch,
-        "size": args.size,
+        "size": format!("{h}x{w}"),
         "threads": tch::get_num_threads(),
         "seconds_per_call": median,
         "images_per_second": args.batch as f64 / median,

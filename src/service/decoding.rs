@@ -197,3 +197,41 @@ impl Decoding {
         Ok(done)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An image that waits for room past its request's deadline is refused with `Timeout`
+    /// (the edges' 504 `timeout`, gRPC DEADLINE_EXCEEDED) without being decoded, and the
+    /// budget is whole again once the work holding it ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_for_room_past_the_deadline_is_a_timeout() {
+        let decoding = Arc::new(Decoding::new(2048));
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let holder = decoding.clone();
+        let far = Instant::now() + Duration::from_secs(60);
+        let first = tokio::spawn(async move {
+            holder
+                .run(2048, far, move || {
+                    let _ = hold.recv();
+                })
+                .await
+        });
+        let until = Instant::now() + Duration::from_secs(10);
+        while decoding.in_use() < 2048 {
+            assert!(
+                Instant::now() < until,
+                "the first image never took the budget"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let soon = Instant::now() + Duration::from_millis(50);
+        let refused = decoding.run(1024, soon, || unreachable!("decoded past its deadline"));
+        assert!(matches!(refused.await, Err(ServiceError::Timeout)));
+        release.send(()).expect("release the first image");
+        first.await.expect("task").expect("the first image ran");
+        assert_eq!(decoding.in_use(), 0);
+        assert_eq!(decoding.run(2048, far, || 7).await.expect("room again"), 7);
+    }
+}

@@ -8,10 +8,15 @@ Usage: python tvref.py COMMAND --out DIR [options]; see main().
 """
 
 import argparse
+import contextlib
 import copy
+import io
 import json
 import os
 import re
+import sys
+import traceback
+import zlib
 
 import numpy as np
 import torch
@@ -253,8 +258,9 @@ def cmd_ref_classifier(a):
 
 def cmd_images(a):
     """Smooth random scenes with edges, so that features vary across the image."""
-    rng = np.random.default_rng(a.seed)
     for spec in a.specs:
+        # Seeded by the spec itself, so an image is the same whichever others are made with it.
+        rng = np.random.default_rng([a.seed, zlib.crc32(spec.encode())])
         name, size, mode = spec.split(":")
         h, w = (int(v) for v in size.split("x"))
         yy, xx = np.mgrid[0:h, 0:w]
@@ -368,7 +374,7 @@ def cmd_coco_eval(a):
     print(json.dumps({"stats": [float(x) for x in ev.stats], "results": len(results)}))
 
 
-def main():
+def parser():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("make-detector")
@@ -418,9 +424,40 @@ def main():
     s.add_argument("--images", required=True)
     s.add_argument("--results", required=True)
     s.add_argument("--iou", choices=["segm", "keypoints", "bbox"], required=True)
-    a = p.parse_args()
-    torch.set_num_threads(int(os.environ.get("TVREF_THREADS", torch.get_num_threads())))
+    return p
+
+
+def run(argv):
+    a = parser().parse_args(argv)
     globals()["cmd_" + a.cmd.replace("-", "_")](a)
+
+
+def serve():
+    """Runs commands read from stdin, one JSON list of arguments per line, and answers each
+    with one JSON line ({"ok", "stdout"} or {"ok": false, "error"}). The Rust tests send every
+    reference of a run through one such process: torch and torchvision are imported once, not
+    once per reference (3-6 s each). What a library prints goes to stderr, not into answers."""
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    for line in sys.stdin:
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                run(json.loads(line))
+            answer = {"ok": True, "stdout": printed.getvalue()}
+        except BaseException:  # noqa: BLE001 (argparse's SystemExit included: the caller's error)
+            answer = {"ok": False, "error": printed.getvalue() + traceback.format_exc()}
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
+
+
+def main():
+    torch.set_num_threads(int(os.environ.get("TVREF_THREADS", torch.get_num_threads())))
+    if sys.argv[1:] == ["serve"]:
+        serve()
+    else:
+        run(sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,15 +1,14 @@
-//! Accuracy guard for the fast precisions against exact fp32, on the same seeded weights: the
-//! share of fp32 detections scoring ≥ 0.3 that have a detection with the same label and
-//! IoU ≥ 0.9, and classifier top-1 agreement. fp32-fast must reach 95% (the bar `auto` holds
-//! every setting to; tests/precision_auto.rs). bf16 is run and its figures printed, without a
-//! bar: on random weights
-//! it cannot be judged (torchvision's own bf16 conversion of the same random backbone is off by
-//! 13-17% in its features, where a trained network is off by ~1%), and no pretrained weights
-//! can be downloaded here.
+//! Agreement of the fast precisions with exact fp32, on the same seeded weights (BatchNorm
+//! statistics calibrated from images): the share of fp32 detections scoring ≥ 0.3 that have a
+//! detection with the same label and IoU ≥ 0.9 (the measure `auto` and `detectd compare`
+//! use), their largest box and score drift, and classifier top-1 agreement. Each figure the
+//! README states is asserted here at the bar it states: fp32-fast reproduces every confident
+//! detection within `FP32_FAST_BOX_DRIFT`; bf16 reaches `BF16_DETECTIONS` and
+//! `BF16_TOP1` (on random weights bf16 cannot do better: torchvision's own bf16 conversion of
+//! the same random backbone is off by 13-17% in its features, where a trained network is off
+//! by ~1%, and no pretrained weights can be downloaded here).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use detectd::model::agreement::DetectionAgreement;
 use detectd::model::classifier::CROP;
 use detectd::model::detector::DetectorConfig;
@@ -47,8 +46,17 @@ fn detector(arch: &str, precision: Precision) -> FasterRcnn {
     FasterRcnn::load(&weights, &config).expect("load detector")
 }
 
-/// The share of confident fp32 detections that `precision` reproduces, over three images.
-fn detector_agreement(arch: &str, precision: Precision) -> (usize, usize) {
+/// fp32-fast's largest box drift (pixels) and score drift on matched detections: a folded
+/// BatchNorm and channels-last convolutions sum in another order, ~1e-5 relative.
+const FP32_FAST_BOX_DRIFT: f32 = 0.05;
+const FP32_FAST_SCORE_DRIFT: f32 = 1e-3;
+/// bf16's share of fp32's confident detections on these seeded weights (measured 0.89).
+const BF16_DETECTIONS: f64 = 0.8;
+/// bf16's top-1 agreement with fp32 on the 20 classifier images (measured: see the test).
+const BF16_TOP1: f64 = 0.8;
+
+/// How `precision` reproduces fp32's confident detections, over three images.
+fn detector_agreement(arch: &str, precision: Precision) -> DetectionAgreement {
     let imgs = images(&[
         "d480x640.png:480x640:RGB",
         "dgray.png:150x200:L",
@@ -69,36 +77,46 @@ fn detector_agreement(arch: &str, precision: Precision) -> (usize, usize) {
     for (e, f) in exact.iter().zip(&fast) {
         a.add(e, f, 0);
     }
-    let (matched, total) = (a.matched, a.total);
     println!(
-        "detector {arch} {}: matches {matched} of {total} fp32 detections scoring >= 0.3 ({:.1}%)",
+        "detector {arch} {}: matches {} of {} fp32 detections scoring >= 0.3 ({:.1}%), \
+         largest box drift {} px, score drift {}",
         precision.name(),
-        matched as f64 * 100.0 / total.max(1) as f64
+        a.matched,
+        a.total,
+        a.share() * 100.0,
+        a.max_box_drift,
+        a.max_score_drift
     );
-    (matched, total)
+    assert!(
+        a.total >= 20,
+        "{arch}: too few confident detections to judge: {}",
+        a.total
+    );
+    a
 }
 
 #[test]
-fn fp32_fast_detections_agree_with_fp32() {
+fn fp32_fast_reproduces_every_confident_detection() {
     for arch in ["v1", "v2"] {
-        let (matched, total) = detector_agreement(arch, Precision::Fp32Fast);
+        let a = detector_agreement(arch, Precision::Fp32Fast);
+        assert_eq!(a.matched, a.total, "{arch}: fp32-fast agreement");
         assert!(
-            total >= 20,
-            "{arch}: too few confident detections to judge: {total}"
-        );
-        assert!(
-            matched as f64 / total as f64 >= 0.95,
-            "{arch}: fp32-fast agreement {matched}/{total}"
+            a.max_box_drift <= FP32_FAST_BOX_DRIFT && a.max_score_drift <= FP32_FAST_SCORE_DRIFT,
+            "{arch}: fp32-fast drifts {} px, {} in score",
+            a.max_box_drift,
+            a.max_score_drift
         );
     }
 }
 
 #[test]
-fn bf16_detections_are_reported() {
-    let (_, total) = detector_agreement("v1", Precision::Bf16);
+fn bf16_detections_agree_with_fp32_at_the_stated_bar() {
+    let a = detector_agreement("v1", Precision::Bf16);
     assert!(
-        total >= 20,
-        "too few confident detections to judge: {total}"
+        a.share() >= BF16_DETECTIONS,
+        "bf16 reproduces {} of {} fp32 detections, under {BF16_DETECTIONS}",
+        a.matched,
+        a.total
     );
 }
 
@@ -130,16 +148,19 @@ fn fast_classifier_top1_agrees_with_fp32() {
         Vec::<i64>::try_from(probs.argmax(1, false)).expect("top-1")
     };
     let exact = top1(fp32());
-    for precision in [Precision::Fp32Fast, Precision::Bf16] {
+    for (precision, bar) in [(Precision::Fp32Fast, 1.0), (Precision::Bf16, BF16_TOP1)] {
         let fast = top1(resolve_precision(precision, Device::Cpu).1);
         let same = exact.iter().zip(&fast).filter(|(a, b)| a == b).count();
+        let share = same as f64 / exact.len() as f64;
         println!(
             "classifier {}: top-1 equals fp32 on {same} of {} images",
             precision.name(),
             exact.len()
         );
-        if precision == Precision::Fp32Fast {
-            assert!(same as f64 / exact.len() as f64 >= 0.95);
-        }
+        assert!(
+            share >= bar,
+            "classifier {}: top-1 agreement {share} under {bar}",
+            precision.name()
+        );
     }
 }

@@ -2,14 +2,14 @@
 //! cache; a wrong hash or a cut transfer fails and leaves nothing in the folder, not even a
 //! temporary file.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use sha2::{Digest, Sha256};
+
+use crate::common;
 
 /// Serves `body` to every request, declaring `declared` bytes, then closes the connection.
 fn serve(body: Vec<u8>, declared: usize) -> String {

@@ -4,24 +4,17 @@
 //! the same; `?render=` draws masks and keypoints (kept in target/artifacts); and the CLI's
 //! COCO results load in pycocotools and run through COCOeval (segm and keypoints).
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use detectd::grpc::pb;
 use detectd::grpc::pb::detector_client::DetectorClient;
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
 /// Runs tvref.py on this run's own inputs (never a cached output).
-fn tvref_fresh(out: &Path, args: &[&str]) -> PathBuf {
-    let _ = std::fs::remove_file(out);
-    tvref(out, args)
-}
-
 fn detect(server: &Server, path: &str, image: &Path) -> Value {
     let (status, body) = json_of(post(
         server,
@@ -297,20 +290,15 @@ fn cli_coco_results_run_through_cocoeval() {
             String::from_utf8_lossy(&out.stderr)
         );
         let listing = dir.path().join(format!("{arch}.images.json"));
-        let report = run_python(
-            "tvref.py coco-eval",
-            &[
-                path_str(&root().join("tests/support/tvref.py")),
-                "coco-eval".into(),
-                "--images".into(),
-                path_str(&listing),
-                "--results".into(),
-                path_str(&results),
-                "--iou".into(),
-                iou.into(),
-            ],
-            &[],
-        );
+        let report = tvref_run(&[
+            "coco-eval".into(),
+            "--images".into(),
+            path_str(&listing),
+            "--results".into(),
+            path_str(&results),
+            "--iou".into(),
+            iou.into(),
+        ]);
         let last: Value = serde_json::from_str(report.lines().last().unwrap_or("")).expect("JSON");
         eprintln!("{arch} {iou}: {last}");
         assert!(last["results"].as_u64().unwrap_or(0) > 0, "{last}");

@@ -1,12 +1,10 @@
 //! Checkpoint loading: torch.save zip and legacy formats, safetensors, pre-0.13 key names,
 //! fine-tuned class counts with a labels file, and an error that names what does not fit.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use detectd::model::detector::{rename_legacy_keys, DetectorConfig};
 use detectd::model::{ArchChoice, Classifier, FasterRcnn};
 use detectd::weights::StateDict;

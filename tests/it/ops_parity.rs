@@ -1,9 +1,7 @@
 //! NMS, batched NMS and RoIAlign against torchvision.ops on random inputs with ties, boxes on
 //! the borders, degenerate and malformed boxes.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use detectd::model::ops::{batched_nms, nms, roi_align, roi_align_gather};
 use tch::{Kind, Tensor};
 

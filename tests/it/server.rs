@@ -2,13 +2,11 @@
 //! weights: input forms, batching, every error status, queue limits, timeouts, the drain on
 //! SIGTERM, the API key and the metrics.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::common::*;
 use base64::Engine as _;
-use common::*;
 use reqwest::blocking::{multipart, Response};
 use serde_json::{json, Value};
 
@@ -472,26 +470,28 @@ fn a_full_queue_answers_429_with_retry_after() {
                     .body(body)
                     .send()
                     .expect("POST");
+                let retry = r.headers().get("retry-after").is_some();
+                let (status, body) = json_of(r);
                 (
-                    r.status().as_u16(),
-                    r.headers().get("retry-after").is_some(),
+                    status,
+                    body["code"].as_str().unwrap_or_default().to_owned(),
+                    retry,
                 )
             })
         })
         .collect();
-    let results: Vec<(u16, bool)> = handles
+    let results: Vec<(u16, String, bool)> = handles
         .into_iter()
         .map(|h| h.join().expect("thread"))
         .collect();
     assert!(
-        results.iter().all(|(s, _)| *s == 200 || *s == 429),
+        results
+            .iter()
+            .all(|(s, code, retry)| *s == 200 || (*s == 429 && code == "queue_full" && *retry)),
         "{results:?}"
     );
-    assert!(results.iter().any(|(s, _)| *s == 200), "{results:?}");
-    assert!(
-        results.iter().any(|(s, retry)| *s == 429 && *retry),
-        "{results:?}"
-    );
+    assert!(results.iter().any(|(s, ..)| *s == 200), "{results:?}");
+    assert!(results.iter().any(|(s, ..)| *s == 429), "{results:?}");
 }
 
 /// Past the deadline the client gets 504, and queued requests whose deadline passed never
@@ -531,13 +531,19 @@ fn a_short_request_timeout_gives_504_and_skips_expired_work() {
         let (status, body) = h.join().expect("thread");
         assert_eq!((status, body["code"].as_str()), (504, Some("timeout")));
     }
-    std::thread::sleep(Duration::from_secs(8));
-    let metrics = server.metrics();
-    let ran: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("detectd_images_total{model=\"detector\",version=\"1\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0);
+    // The worker takes the queue in order, one job at a time: once the queue is empty it has
+    // taken the last request, so the second had ended (run, or dropped) before that.
+    let ran_series = "detectd_images_total{model=\"detector\",version=\"1\"}";
+    wait_until(
+        "the worker took every queued request",
+        Duration::from_secs(60),
+        || {
+            let metrics = server.metrics();
+            try_series(&metrics, DETECTOR_QUEUE) == Some(0.0)
+                && try_series(&metrics, ran_series).is_some_and(|n| n >= 1.0)
+        },
+    );
+    let ran = series_value(&server.metrics(), ran_series);
     assert!(
         ran <= 1.0,
         "expired requests reached the model: {ran} images ran"
@@ -554,11 +560,11 @@ fn a_short_request_timeout_gives_504_and_skips_expired_work() {
 
 #[test]
 fn sigterm_finishes_in_flight_requests_then_exits_0() {
-    let imgs = images(&["c375x500.png:375x500:RGB"]);
+    let imgs = images(&["d480x640.png:480x640:RGB"]);
     let mut server = Server::start(
         &[
-            "--classifier-weights",
-            &classifier_weights(),
+            "--detector-weights",
+            &detector_weights(),
             "--max-batch-size",
             "1",
             "--warmup-images",
@@ -566,9 +572,11 @@ fn sigterm_finishes_in_flight_requests_then_exits_0() {
         ],
         true,
     );
-    let handles: Vec<_> = (0..8)
+    // Four detector passes of a second or more each, one at a time: SIGTERM goes once the
+    // test has seen three of them waiting behind the one running.
+    let handles: Vec<_> = (0..4)
         .map(|_| {
-            let (url, body) = (server.url("/classify"), read(&imgs[0]));
+            let (url, body) = (server.url("/detect"), read(&imgs[0]));
             std::thread::spawn(move || {
                 client()
                     .post(url)
@@ -579,19 +587,24 @@ fn sigterm_finishes_in_flight_requests_then_exits_0() {
             })
         })
         .collect();
-    // Long enough for every request to reach the server, short of the ~0.5 s the eight take.
-    std::thread::sleep(Duration::from_millis(250));
+    wait_until(
+        "three requests queued behind a running one",
+        Duration::from_secs(60),
+        || try_series(&server.metrics(), DETECTOR_QUEUE).is_some_and(|n| n >= 3.0),
+    );
     let pid = server.child.id().to_string();
     assert!(std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .expect("kill")
         .success());
-    std::thread::sleep(Duration::from_millis(30));
-    // While requests are still in flight the listener answers, and readiness is off.
-    if let Ok(r) = client().get(server.url("/readyz")).send() {
-        assert_eq!(r.status(), 503);
-    }
+    // While requests are still in flight the listener answers, and readiness turns off.
+    wait_until("/readyz 503 while draining", Duration::from_secs(5), || {
+        let r = client().get(server.url("/readyz")).send();
+        r.expect("the listener answers while requests are in flight")
+            .status()
+            == 503
+    });
     for h in handles {
         assert_eq!(h.join().expect("thread").expect("request completed"), 200);
     }

@@ -2,9 +2,7 @@
 //! detections, for v1 (FrozenBatchNorm, eps 0 as the COCO weights) and v2, on images whose
 //! resize hits torchvision's edge cases; and batch invariance.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use detectd::model::detector::{DetectorConfig, DetectorParams, Trace};
 use detectd::model::transform::prepare_detector;
 use detectd::model::{ArchChoice, DetectRequest, Detection, FasterRcnn};
@@ -26,7 +24,6 @@ fn model_with(
     extra: &[&str],
     params: DetectorParams,
 ) -> (FasterRcnn, std::path::PathBuf) {
-    let weights = data_dir().join(format!("det_{arch}.pth"));
     let mut args = vec![
         "make-detector",
         "--arch",
@@ -37,7 +34,7 @@ fn model_with(
         "{out}",
     ];
     args.extend_from_slice(extra);
-    tvref(&weights, &args);
+    let weights = tvref(&data_dir().join(format!("det_{arch}.pth")), &args);
     let config = DetectorConfig {
         arch: ArchChoice::Auto,
         frozen_bn_eps: None,
@@ -96,25 +93,23 @@ fn check_image(
     refs: &std::collections::HashMap<String, Tensor>,
 ) {
     let r = |k: &str| &refs[&format!("{i}.{k}")];
-    assert_close(
+    assert_equal(
         &format!("{name} proposals"),
         &trace.proposals,
         r("proposals"),
-        1e-3,
     );
-    assert_close(
+    assert_equal(
         &format!("{name} roi features"),
         &trace.roi_features,
         r("roi_features"),
-        1e-4,
     );
     let (boxes, scores, labels) = as_tensors(dets);
     assert!(
         !dets.is_empty(),
         "{name}: the perturbed weights should detect something"
     );
-    assert_close(&format!("{name} boxes"), &boxes, r("boxes"), 1e-3);
-    assert_close(&format!("{name} scores"), &scores, r("scores"), 1e-4);
+    assert_equal(&format!("{name} boxes"), &boxes, r("boxes"));
+    assert_equal(&format!("{name} scores"), &scores, r("scores"));
     assert_eq!(labels, r("labels").to_kind(Kind::Int64), "{name} labels");
 }
 
@@ -221,8 +216,8 @@ fn batch_results_equal_single_image_results() {
             .expect("single detect");
         let (b, s) = (as_tensors(&batch[i]), as_tensors(&single[0]));
         assert!(!batch[i].is_empty());
-        assert_close("batched boxes", &b.0, &s.0, 1e-3);
-        assert_close("batched scores", &b.1, &s.1, 1e-4);
+        assert_equal("batched boxes", &b.0, &s.0);
+        assert_equal("batched scores", &b.1, &s.1);
         assert_eq!(b.2, s.2, "batched labels");
     }
 }

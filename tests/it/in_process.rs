@@ -2,16 +2,14 @@
 //! detector engine that answers at once. It checks routing, input forms and the request limits
 //! in milliseconds; the real binary with real models is `server.rs` and `hardening.rs`.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::png_of;
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use base64::Engine as _;
-use common::png_of;
 use detectd::batch::{BatchConfig, Batcher, Engine, ModelLabels};
 use detectd::http::{router, AppState, BodyLimits};
 use detectd::labels::Labels;

@@ -3,15 +3,13 @@
 //! request; a broken checkpoint leaves the serving version alone; DELETE unloads; SIGHUP
 //! applies a changed config file; --max-memory-mb refuses a load.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use tch::Tensor;
 
@@ -385,8 +383,24 @@ fn versions_swap_under_load_without_a_failed_request() {
         }
         r.send().expect("admin request")
     };
+    // Each wait has a deadline; past it the clients stop (so the server is dropped) and the
+    // test fails with what it saw, instead of hanging the suite.
     let wait_for = |n: usize| {
-        while seen.lock().expect("seen").answers.len() < n {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let seen = seen.lock().expect("seen");
+            if seen.answers.len() >= n {
+                return;
+            }
+            if Instant::now() > deadline {
+                stop.store(true, Ordering::SeqCst);
+                panic!(
+                    "{} answers in 180 s, waiting for {n}; failures: {:?}",
+                    seen.answers.len(),
+                    seen.failures
+                );
+            }
+            drop(seen);
             std::thread::sleep(Duration::from_millis(50));
         }
     };

@@ -2,15 +2,13 @@
 //! refusal has its status and JSON error, the server answers a normal request right after, and
 //! memory stays under the bound the test states (peak RSS read from /proc, reset per test).
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use base64::Engine as _;
-use common::*;
 use reqwest::blocking::{multipart, Client};
 use serde_json::json;
 
@@ -144,14 +142,9 @@ fn too_many_images_are_refused_before_any_is_decoded() {
     assert_serves(&server, "/classify");
 }
 
-/// A series' value from Prometheus text (0 when absent).
+/// A series' value from Prometheus text; the test fails when it is missing.
 fn metric(server: &Server, series: &str) -> f64 {
-    server
-        .metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    series_value(&server.metrics(), series.trim_end())
 }
 
 #[test]
@@ -174,24 +167,30 @@ fn a_job_stops_between_images_once_its_client_has_gone() {
     let images: Vec<String> = (0..16).map(|_| b64(&png_of(64, 48))).collect();
     let body = serde_json::to_vec(&json!({ "images": images })).expect("json");
     let before = reset_peak(&server);
+    let sent = Instant::now();
     assert_error(
         "16 images past the deadline",
         post(&server, "/detect", "application/json", body),
         504,
         "timeout",
     );
-    let finished = "detectd_inference_duration_seconds_count{model=\"detector\",version=\"1\"} ";
-    let until = Instant::now() + Duration::from_secs(120);
-    while metric(&server, finished) < 1.0 {
-        assert!(Instant::now() < until, "the job never ended");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let finished = "detectd_inference_duration_seconds_count{model=\"detector\",version=\"1\"}";
+    wait_until("the job's end", Duration::from_secs(120), || {
+        try_series(&server.metrics(), finished).is_some_and(|n| n >= 1.0)
+    });
+    let ended = sent.elapsed().as_secs_f64();
     let ran = metric(
         &server,
-        "detectd_images_total{model=\"detector\",version=\"1\"} ",
+        "detectd_images_total{model=\"detector\",version=\"1\"}",
     );
-    eprintln!("{ran} of 16 images ran");
-    assert!((1.0..=8.0).contains(&ran), "{ran} of 16 images ran");
+    // On any CPU: the job ends within one image of the 3 s deadline (an image's time is at
+    // most the job's time over the images it ran), and so not all sixteen ran.
+    let per_image = ended / ran;
+    eprintln!("{ran} of 16 images ran; the job ended after {ended:.2} s");
+    assert!(
+        ran < 16.0 && ended <= 3.0 + 1.5 * per_image + 0.5,
+        "{ran} of 16 images ran, the job ended after {ended:.2} s ({per_image:.2} s per image)"
+    );
     // Sixteen images resized to 800x1066 in f32 are ~160 MB; one forward pass ~600 MB.
     assert_peak_within(&server, before, 1200, "a job of 16 images");
     // A strip the detector takes at 10x1333 (a fast pass) is answered right after.
@@ -389,45 +388,57 @@ fn the_cli_names_an_unusable_image_and_goes_on() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 1, "{stdout}");
     assert!(lines[0].contains("b_ok.png"), "{stdout}");
-    // Out-of-range values are usage errors (exit 2), not panics.
+    // Out-of-range values are usage errors (exit 2, naming the flag), not panics.
     let classifier = classifier_weights();
     let image = path_str(&dir.join("b_ok.png"));
-    for args in [
-        vec!["classify", "--weights", &classifier, "--top-k", "0", &image],
-        vec![
-            "detect",
-            "--weights",
-            &weights,
+    for (flag, args) in [
+        (
+            "--top-k",
+            vec!["classify", "--weights", &classifier, "--top-k", "0", &image],
+        ),
+        (
             "--score-threshold",
-            "2",
-            &image,
-        ],
-        vec![
-            "bench",
-            "--model",
-            "classifier",
-            "--weights",
-            &classifier,
+            vec![
+                "detect",
+                "--weights",
+                &weights,
+                "--score-threshold",
+                "2",
+                &image,
+            ],
+        ),
+        (
             "--iters",
-            "0",
-        ],
-        vec![
-            "bench",
-            "--model",
-            "classifier",
-            "--weights",
-            &classifier,
+            vec![
+                "bench",
+                "--model",
+                "classifier",
+                "--weights",
+                &classifier,
+                "--iters",
+                "0",
+            ],
+        ),
+        (
             "--size",
-            "0x5",
-        ],
-        vec!["serve", "--max-queue", "0"],
+            vec![
+                "bench",
+                "--model",
+                "classifier",
+                "--weights",
+                &classifier,
+                "--size",
+                "0x5",
+            ],
+        ),
+        ("--max-queue", vec!["serve", "--max-queue", "0"]),
     ] {
         let out = detectd(&args);
-        let code = out.status.code();
+        let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
-            matches!(code, Some(1) | Some(2)),
-            "{args:?}: {code:?} {}",
-            String::from_utf8_lossy(&out.stderr)
+            out.status.code() == Some(2) && stderr.contains(flag),
+            "{args:?}: exit {:?}, the error should name {flag}: {stderr}",
+            out.status.code()
         );
     }
     // A labels file whose ids disagree with the model's classes is an error, not a shift.
@@ -447,15 +458,6 @@ fn the_cli_names_an_unusable_image_and_goes_on() {
         stderr.contains("line 2") && stderr.contains("id 95"),
         "{stderr}"
     );
-}
-
-/// A series' value from Prometheus text; the test fails when the series is missing.
-fn series(server: &Server, series: &str) -> f64 {
-    let text = server.metrics();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no series {series:?} in /metrics:\n{text}"))
 }
 
 /// Waits until the server's freed heap has gone back to the OS (the workers trim after a
@@ -556,11 +558,11 @@ const EXPECTED_WAIT: &str = "detectd_expected_wait_seconds{model=\"detector\",ve
 fn overload(server: &Server, one: f64, timeout_ms: u64) {
     let depth = "detectd_queue_depth{model=\"detector\",version=\"1\"} ";
     let until = Instant::now() + Duration::from_secs(30);
-    while series(server, depth) < 2.0 {
+    while metric(server, depth) < 2.0 {
         assert!(Instant::now() < until, "the queue never held two images");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let queued_wait = series(server, EXPECTED_WAIT);
+    let queued_wait = metric(server, EXPECTED_WAIT);
     assert!(
         queued_wait >= 2.0 * one,
         "expected wait {queued_wait} s, one pass {one} s"
@@ -595,7 +597,7 @@ fn an_overloaded_model_refuses_at_admission_with_retry_after() {
     let _cpu = alone();
     let server = Server::start(&["--detector-weights", &detector_weights()], true);
     // The warm-up measured one image's pass: what a request waits on an idle server.
-    let one = series(&server, EXPECTED_WAIT);
+    let one = metric(&server, EXPECTED_WAIT);
     assert!(one > 0.0, "no pace after the warm-up: {one}");
     // A client whose deadline is 2.5 passes.
     let timeout_ms = (2500.0 * one) as u64;
@@ -636,7 +638,7 @@ fn an_overloaded_model_refuses_at_admission_with_retry_after() {
 fn saturate(server: &Server, clients: &[(&str, usize)], seconds: u64) -> Vec<f64> {
     let image = png_of(640, 480);
     let count = |model: &str| {
-        series(
+        metric(
             server,
             &format!("detectd_images_total{{model=\"{model}\",version=\"1\"}} "),
         )

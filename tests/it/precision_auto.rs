@@ -6,11 +6,9 @@
 //! below the agreement bar. `compare`'s figures are checked against the same figures
 //! computed here from torchvision's fp32 detections.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use detectd::model::detector::DetectorConfig;
 use detectd::model::transform::prepare_detector;
 use detectd::model::{resolve_precision, ArchChoice, DetectRequest, FasterRcnn, Precision};
@@ -174,6 +172,39 @@ fn auto_measures_caches_and_follows_the_measurements() {
     assert_eq!(m["precision"], "fp32-fast");
     assert!(m.get("precision_trial").is_none(), "{m}");
     let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// Replicas that start together on one cache folder run one trial: one takes the folder's
+/// lock and measures, the other waits for it and reads the decision. A cache that cannot be
+/// written (here a folder that cannot be made) leaves a server measuring on its own.
+#[test]
+fn replicas_share_one_trial_and_an_unwritable_cache_is_measured_around() {
+    let cache = std::env::temp_dir().join(format!("detectd-auto-pair-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| auto_server(&cache, &[]));
+        let b = s.spawn(|| auto_server(&cache, &[]));
+        (a.join().expect("replica a"), b.join().expect("replica b"))
+    });
+    let (ca, cb) = (chosen(&a), chosen(&b));
+    let mut sources = [ca.1.as_str(), cb.1.as_str()];
+    sources.sort();
+    assert_eq!(sources, ["cache", "trial"], "one trial for two replicas");
+    assert_eq!(ca.0, cb.0, "both replicas serve the trial's choice");
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&cache);
+
+    let file = std::env::temp_dir().join(format!("detectd-auto-file-{}", std::process::id()));
+    std::fs::write(&file, b"not a folder").expect("write");
+    let server = auto_server(&file.join("cache"), &[]);
+    assert_eq!(chosen(&server).1, "trial");
+    assert!(
+        server.log().contains("precision cache not usable"),
+        "{}",
+        server.log()
+    );
+    drop(server);
+    let _ = std::fs::remove_file(&file);
 }
 
 fn calibrated_detector() -> PathBuf {

@@ -3,9 +3,14 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Mutex;
+use std::process::{Command, Stdio};
+use std::sync::{mpsc, Mutex, OnceLock};
+use std::time::Duration;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use tch::{Kind, Tensor};
 
@@ -17,14 +22,63 @@ pub fn python() -> PathBuf {
     root().join(".venv/bin/python")
 }
 
-/// A folder for generated files, shared by the tests of all files.
+/// A folder for generated files, shared by the tests of all files: `target/tvref/STAMP`, where
+/// STAMP is a digest of the reference scripts (`tests/support/`) and the torch and torchvision
+/// versions installed, so a change to any of them makes every reference afresh. (Folders of
+/// other stamps are removed when a new one is first made: a CI machine's disk is the limit.)
 pub fn data_dir() -> PathBuf {
-    let d = root().join("target/tvref");
-    std::fs::create_dir_all(&d).expect("create target/tvref");
-    d
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let parent = root().join("target/tvref");
+        let dir = parent.join(stamp());
+        if !dir.exists() {
+            for old in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                let _ = std::fs::remove_dir_all(old.path())
+                    .or_else(|_| std::fs::remove_file(old.path()));
+            }
+        }
+        std::fs::create_dir_all(&dir).expect("create target/tvref/STAMP");
+        dir
+    })
+    .clone()
 }
 
-static GENERATE: Mutex<()> = Mutex::new(());
+/// Digest of what the references depend on besides their arguments.
+fn stamp() -> String {
+    let mut hash = Sha256::new();
+    let support = root().join("tests/support");
+    let mut scripts: Vec<PathBuf> = std::fs::read_dir(&support)
+        .expect("read tests/support")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    scripts.sort();
+    for script in scripts {
+        hash.update(script.file_name().unwrap_or_default().as_encoded_bytes());
+        hash.update(std::fs::read(&script).expect("read a reference script"));
+    }
+    let site = glob::glob(&format!(
+        "{}/.venv/lib/python3*/site-packages/torch*-*.dist-info",
+        root().display()
+    ))
+    .expect("glob the virtualenv");
+    let mut versions: Vec<String> = site
+        .flatten()
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    versions.sort();
+    assert!(
+        versions.iter().any(|v| v.starts_with("torch-"))
+            && versions.iter().any(|v| v.starts_with("torchvision-")),
+        "torch and torchvision are not in .venv (did scripts/setup run?): {versions:?}"
+    );
+    hash.update(versions.join(",").as_bytes());
+    hex(&hash.finalize()[..6])
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// Runs the project's Python with `args` (and `env`), failing the test with its stderr when it
 /// fails; returns its stdout.
@@ -46,59 +100,165 @@ pub fn run_python<S: AsRef<std::ffi::OsStr>>(
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Runs tvref.py with `args` unless `output` exists already (a cache shared across tests;
-/// outputs are written under a temporary name and renamed, so a half-written file never counts).
-pub fn tvref(output: &Path, args: &[&str]) -> PathBuf {
-    let _lock = GENERATE.lock().unwrap_or_else(|e| e.into_inner());
-    if output.exists() {
-        return output.to_owned();
+/// `tests/support/tvref.py serve`: one Python process for every reference of a test run, so
+/// that torch and torchvision are imported once. Its answers arrive through a reader thread, so
+/// that a reference that never finishes fails the test at `REFERENCE_DEADLINE`.
+struct Worker {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    answers: mpsc::Receiver<String>,
+}
+
+/// Far above the slowest reference (a Mask R-CNN on five images: ~40 s on 2 cores).
+const REFERENCE_DEADLINE: Duration = Duration::from_secs(600);
+
+static WORKER: Mutex<Option<Worker>> = Mutex::new(None);
+
+impl Worker {
+    fn start() -> Worker {
+        let mut child = Command::new(python())
+            .arg(root().join("tests/support/tvref.py"))
+            .arg("serve")
+            .env("TVREF_THREADS", "2")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start tvref.py serve (did scripts/setup run?): {e}"));
+        let stdin = child.stdin.take().expect("tvref stdin");
+        let stdout = child.stdout.take().expect("tvref stdout");
+        let (send, answers) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Worker {
+            child,
+            stdin,
+            answers,
+        }
     }
+
+    /// Runs one command; `Err` when the process is unusable (it is then started again).
+    fn call(&mut self, args: &[String]) -> Result<Value, String> {
+        let line = serde_json::to_string(args).expect("arguments as JSON");
+        writeln!(self.stdin, "{line}").map_err(|e| format!("write to tvref.py serve: {e}"))?;
+        let answer = self.answers.recv_timeout(REFERENCE_DEADLINE).map_err(|e| {
+            let _ = self.child.kill();
+            format!("tvref.py serve gave no answer ({e}); its stderr is above")
+        })?;
+        serde_json::from_str(&answer)
+            .map_err(|e| format!("tvref.py serve answered {answer:?}: {e}"))
+    }
+}
+
+/// Runs tvref.py with `args` in the shared process; returns what the command printed.
+pub fn tvref_run(args: &[String]) -> String {
+    let mut worker = WORKER.lock().unwrap_or_else(|e| e.into_inner());
+    let answer = match worker.get_or_insert_with(Worker::start).call(args) {
+        Ok(answer) => answer,
+        Err(broken) => {
+            *worker = None;
+            panic!("tvref.py {args:?}: {broken}");
+        }
+    };
+    match answer["ok"].as_bool() {
+        Some(true) => answer["stdout"].as_str().unwrap_or_default().to_owned(),
+        _ => panic!(
+            "tvref.py {args:?} failed:\n{}",
+            answer["error"].as_str().unwrap_or("(no error text)")
+        ),
+    }
+}
+
+/// Runs tvref.py with `args` unless its output exists already: a cache shared by every test,
+/// keyed by the arguments (the file is `NAME-DIGEST.EXT` beside `output`, DIGEST that of the
+/// arguments) and by the folder's stamp. `{out}` in `args` stands for the file written; it is
+/// written under a temporary name and renamed, so a half-written file never counts.
+pub fn tvref(output: &Path, args: &[&str]) -> PathBuf {
+    let mut digest = Sha256::new();
+    for a in args {
+        digest.update(a.as_bytes());
+        digest.update([0]);
+    }
+    let stem = output.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
+    let ext = output.extension().and_then(|e| e.to_str()).unwrap_or("bin");
+    let keyed = output.with_file_name(format!("{stem}-{}.{ext}", hex(&digest.finalize()[..6])));
+    let _lock = GENERATE.lock().unwrap_or_else(|e| e.into_inner());
+    if !keyed.exists() {
+        make(&keyed, args);
+    }
+    keyed
+}
+
+/// Runs tvref.py with `args` whether or not `output` exists (its inputs are not in `args`).
+pub fn tvref_fresh(output: &Path, args: &[&str]) -> PathBuf {
+    let _lock = GENERATE.lock().unwrap_or_else(|e| e.into_inner());
+    make(output, args);
+    output.to_owned()
+}
+
+fn make(output: &Path, args: &[&str]) {
     let partial = output.with_extension(format!(
         "partial.{}",
         output.extension().and_then(|e| e.to_str()).unwrap_or("bin")
     ));
-    let script = root().join("tests/support/tvref.py").display().to_string();
-    let args: Vec<String> = std::iter::once(script)
-        .chain(args.iter().map(|a| {
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| {
             if *a == "{out}" {
                 partial.display().to_string()
             } else {
                 a.to_string()
             }
-        }))
+        })
         .collect();
-    run_python(
-        &format!("tvref.py {:?}", &args[1..]),
-        &args,
-        &[("TVREF_THREADS", "2")],
+    tvref_run(&args);
+    assert!(
+        partial.exists(),
+        "tvref.py {args:?} wrote no {}",
+        partial.display()
     );
-    if partial.exists() {
-        std::fs::rename(&partial, output).expect("rename tvref output");
-    }
-    output.to_owned()
+    std::fs::rename(&partial, output).expect("rename tvref output");
 }
 
-/// Test images, made once: `name:HxW:RGB|L` specs.
+static GENERATE: Mutex<()> = Mutex::new(());
+
+/// Test images, made once: `name:HxW:RGB|L` specs. Each is made in a folder of its own, keyed
+/// by its spec, so that two specs with one name are two images.
 pub fn images(specs: &[&str]) -> Vec<PathBuf> {
-    let dir = data_dir().join("images");
-    std::fs::create_dir_all(&dir).expect("create images dir");
-    let missing: Vec<&str> = specs
+    let paths: Vec<PathBuf> = specs
         .iter()
-        .copied()
-        .filter(|s| !dir.join(s.split(':').next().unwrap_or_default()).exists())
+        .map(|spec| {
+            let mut digest = Sha256::new();
+            digest.update(spec.as_bytes());
+            let name = spec.split(':').next().unwrap_or_default();
+            data_dir()
+                .join("images")
+                .join(hex(&digest.finalize()[..6]))
+                .join(name)
+        })
         .collect();
-    if !missing.is_empty() {
-        let _lock = GENERATE.lock().unwrap_or_else(|e| e.into_inner());
-        let script = root().join("tests/support/tvref.py").display().to_string();
-        let d = dir.display().to_string();
-        let mut args = vec![script.as_str(), "images", "--out-dir", &d];
-        args.extend(missing.iter());
-        run_python("tvref.py images", &args, &[]);
+    let _lock = GENERATE.lock().unwrap_or_else(|e| e.into_inner());
+    for (spec, path) in specs.iter().zip(&paths) {
+        if path.exists() {
+            continue;
+        }
+        let dir = path.parent().expect("image folder");
+        let partial = dir.with_extension("partial");
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(&partial).expect("create images dir");
+        tvref_run(&[
+            "images".into(),
+            "--out-dir".into(),
+            partial.display().to_string(),
+            spec.to_string(),
+        ]);
+        std::fs::rename(&partial, dir).expect("rename image folder");
     }
-    specs
-        .iter()
-        .map(|s| dir.join(s.split(':').next().unwrap_or_default()))
-        .collect()
+    paths
 }
 
 pub fn path_str(p: &Path) -> String {
@@ -131,6 +291,52 @@ pub fn assert_close(what: &str, ours: &Tensor, theirs: &Tensor, tol: f64) {
         "{what}: max |detectd - torchvision| = {d:e} > {tol:e}"
     );
 }
+
+/// Asserts that `ours` and `theirs` have one shape and are equal element for element: what
+/// "exact" means in this project's claims. Prints the largest difference either way.
+pub fn assert_equal(what: &str, ours: &Tensor, theirs: &Tensor) {
+    let d = max_abs_diff(ours, theirs);
+    eprintln!("{what}: max |detectd - torchvision| = {d:e}");
+    assert!(
+        d == 0.0,
+        "{what}: not equal, max |detectd - torchvision| = {d:e}"
+    );
+}
+
+/// Polls `done` every 20 ms until it holds, failing the test with `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not seen within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A series' value in Prometheus text (`series` up to the space before the value); the test
+/// fails when the series is missing or its value is not a number.
+pub fn series_value(metrics: &str, series: &str) -> f64 {
+    try_series(metrics, series)
+        .unwrap_or_else(|| panic!("no series {series} in /metrics:\n{metrics}"))
+}
+
+/// As `series_value`, `None` when the series is missing (not yet made).
+pub fn try_series(metrics: &str, series: &str) -> Option<f64> {
+    let value = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))?;
+    Some(
+        value
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("series {series}: {value:?}: {e}")),
+    )
+}
+
+/// The detector's queue depth series, as a test server (one version) names it.
+pub const DETECTOR_QUEUE: &str = "detectd_queue_depth{model=\"detector\",version=\"1\"}";
 
 pub fn decode_file(path: &Path) -> Tensor {
     let bytes = std::fs::read(path).expect("read image");
@@ -224,7 +430,6 @@ pub struct Server {
 impl Server {
     /// Starts the real binary and waits until it listens and (when `wait_ready`) /readyz is 200.
     pub fn start(args: &[&str], wait_ready: bool) -> Server {
-        use std::io::BufRead;
         let stderr_path = std::env::temp_dir().join(format!(
             "detectd-test-{}-{}.log",
             std::process::id(),
@@ -236,6 +441,8 @@ impl Server {
             // Exact fp32 unless a test asks for another precision: parity is what most
             // server tests check, and auto's trial would add seconds to every start.
             .env("DETECTD_PRECISION", "fp32")
+            // The CPU unless a test names a device: what the tests measure is the CPU's.
+            .env("DETECTD_DEVICE", "cpu")
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
             .stdout(std::process::Stdio::piped())

@@ -2,12 +2,10 @@
 //! chromium): upload an image, detect, and see boxes on the canvas and rows in the table. The
 //! screenshot is kept at target/artifacts/page.png.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 #[test]

@@ -1,11 +1,9 @@
 //! The gRPC API, called by a client generated from proto/ against the real binary: every RPC
 //! (answers equal to the HTTP API's), health, reflection, and each error code.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use detectd::grpc::pb;
 use pb::detector_client::DetectorClient;
 use serde_json::Value;
@@ -405,11 +403,11 @@ fn deadlines_and_the_api_key_have_their_codes() {
 
 #[test]
 fn a_drain_turns_health_off_refuses_new_calls_and_finishes_running_ones() {
-    let imgs = images(&[PHOTO]);
+    let imgs = images(&["d480x640.png:480x640:RGB"]);
     let mut server = grpc_server(
         &[
-            "--classifier-weights",
-            &classifier_weights(),
+            "--detector-weights",
+            &detector_weights(),
             "--max-batch-size",
             "1",
         ],
@@ -418,33 +416,49 @@ fn a_drain_turns_health_off_refuses_new_calls_and_finishes_running_ones() {
     let rt = runtime();
     rt.block_on(async {
         let c = detector(&server).await;
-        let running: Vec<_> = (0..8)
+        // Four detector passes of a second or more each, one at a time: SIGTERM goes once
+        // three of them are seen waiting behind the one running.
+        let running: Vec<_> = (0..4)
             .map(|_| {
                 let mut c = c.clone();
                 let image = bytes(&imgs[0]);
                 tokio::spawn(async move {
-                    c.classify(pb::ClassifyRequest {
+                    c.detect(pb::DetectRequest {
                         image,
-                        top_k: 1,
                         ..Default::default()
                     })
                     .await
                 })
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        let queued = {
+            let server = &server;
+            move || try_series(&server.metrics(), DETECTOR_QUEUE).is_some_and(|n| n >= 3.0)
+        };
+        tokio::task::block_in_place(|| {
+            wait_until(
+                "three calls queued behind a running one",
+                Duration::from_secs(60),
+                queued,
+            )
+        });
         let pid = server.child.id().to_string();
         let killed = std::process::Command::new("kill")
             .args(["-TERM", &pid])
             .status();
         assert!(killed.expect("kill").success());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(health(&server).await, ServingStatus::NotServing);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while health(&server).await != ServingStatus::NotServing {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "health still SERVING 5 s into the drain"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let late = c
             .clone()
-            .classify(pb::ClassifyRequest {
+            .detect(pb::DetectRequest {
                 image: bytes(&imgs[0]),
-                top_k: 1,
                 ..Default::default()
             })
             .await;
@@ -459,6 +473,95 @@ fn a_drain_turns_health_off_refuses_new_calls_and_finishes_running_ones() {
     assert_eq!(status.code(), Some(0), "log:\n{}", server.log());
 }
 
+/// A message over `--max-body-bytes` is OUT_OF_RANGE (tonic's check); a call whose message
+/// never finishes arriving is CANCELLED at `--body-read-timeout-s` + `--request-timeout-ms`;
+/// the server goes on serving after both.
+#[test]
+fn oversized_and_unfinished_messages_have_their_codes() {
+    let server = grpc_server(
+        &[
+            "--classifier-weights",
+            &classifier_weights(),
+            "--max-body-bytes",
+            "10000",
+            "--body-read-timeout-s",
+            "1",
+            "--request-timeout-ms",
+            "500",
+        ],
+        true,
+    );
+    let rt = runtime();
+    rt.block_on(async {
+        let mut c = detector(&server).await;
+        let big = c
+            .classify(pb::ClassifyRequest {
+                image: vec![0u8; 20_000],
+                top_k: 1,
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(code_of(big), Code::OutOfRange);
+
+        let started = std::time::Instant::now();
+        let status = unfinished_call(&server).await;
+        assert_eq!(
+            status,
+            Code::Cancelled as i32,
+            "grpc-status of the unfinished call"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(1400),
+            "cancelled early"
+        );
+        c.list_models(pb::ListModelsRequest {})
+            .await
+            .expect("still serving");
+    });
+}
+
+/// Sends a Classify call whose message announces 1000 bytes and sends 10, over raw HTTP/2
+/// (a generated client always sends whole messages); returns the call's grpc-status.
+async fn unfinished_call(server: &Server) -> i32 {
+    let grpc = server.grpc.clone().expect("grpc address");
+    let addr = grpc.trim_start_matches("http://").to_owned();
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let (h2c, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let mut h2c = h2c.ready().await.expect("HTTP/2 ready");
+    let request = http::Request::post(format!("{grpc}/detectd.v1.Detector/Classify"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let (response, mut body) = h2c.send_request(request, false).expect("send headers");
+    let mut frame = vec![0u8, 0, 0, 0x03, 0xe8];
+    frame.extend([0u8; 10]);
+    body.send_data(frame.into(), false)
+        .expect("send part of the message");
+    let response = tokio::time::timeout(Duration::from_secs(30), response)
+        .await
+        .expect("an answer within 30 s")
+        .expect("a response");
+    let code = |v: &http::HeaderValue| v.to_str().ok().and_then(|s| s.parse().ok());
+    if let Some(status) = response.headers().get("grpc-status").and_then(code) {
+        return status; // a trailers-only answer
+    }
+    let mut answer = response.into_body();
+    while answer.data().await.is_some() {}
+    let trailers = answer
+        .trailers()
+        .await
+        .expect("trailers")
+        .expect("trailers sent");
+    trailers
+        .get("grpc-status")
+        .and_then(code)
+        .expect("a grpc-status trailer")
+}
+
 #[test]
 fn calls_before_the_model_is_ready_are_unavailable() {
     let imgs = images(&[PHOTO]);
@@ -471,6 +574,12 @@ fn calls_before_the_model_is_ready_are_unavailable() {
         &weights,
     ];
     let server = Server::start(&[&args[..], &["--warmup-images", "16"]].concat(), false);
+    assert_error(
+        "HTTP before the model is ready",
+        post(&server, "/classify", "image/png", bytes(&imgs[0])),
+        503,
+        "not_ready",
+    );
     let rt = runtime();
     rt.block_on(async {
         let mut c = detector(&server).await;

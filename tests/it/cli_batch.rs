@@ -2,12 +2,10 @@
 //! that pycocotools loads, annotated copies under --render-dir, --output and --batch-size,
 //! and a bad input that does not stop the run.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn detectd(args: &[String]) -> Output {

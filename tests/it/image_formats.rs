@@ -1,9 +1,7 @@
 //! Every supported format decodes to the RGB8 pixels PIL gives (16-bit scaled, alpha dropped,
 //! GIF's first frame, EXIF orientation applied); bad input is refused with a clear error.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use detectd::imaging::{decode, ImageError};
 use tch::Kind;
 

@@ -1,11 +1,9 @@
 //! `POST /detect?render=png|jpeg` on the real server: the input at its own size with the
 //! boxes drawn where the JSON says they are and nothing changed far from them; one image only.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use reqwest::blocking::{multipart, Client};
 use serde_json::Value;
 

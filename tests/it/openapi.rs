@@ -2,11 +2,9 @@
 //! (PyPI) finds no 5xx and no answer that departs from it, on a live server (whose detector is
 //! a Mask R-CNN, so that answers with masks are checked too).
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// A Mask R-CNN as the detector, so that schemathesis also checks answers carrying masks

@@ -2,11 +2,9 @@
 //! score, label names from the tables or a labels file; unreadable files are named on stderr
 //! while the others are still printed, and the exit code says something failed.
 
-mod common;
-
 use std::process::{Command, Output};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn detectd(args: &[&str]) -> Output {

@@ -1,9 +1,7 @@
 //! ResNet-50 classifier parity with torchvision's `ImageClassification` presets (V1: resize
 //! 256, V2: resize 232), on sizes that exercise the crop rounding and upscaling.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use detectd::model::classifier::CROP;
 use detectd::model::transform::prepare_classifier;
 use detectd::model::{Classifier, Preset};
