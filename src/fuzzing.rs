@@ -1,5 +1,5 @@
 //! Entry points for the fuzz targets in `fuzz/` and for the test that replays their committed
-//! corpora on stable Rust (`tests/fuzz_corpus.rs`). Each takes arbitrary bytes and must return
+//! corpora on stable Rust (`tests/it/fuzz_corpus.rs`). Each takes arbitrary bytes and must return
 //! without panicking, looping or allocating without bound; errors are the expected outcome.
 #![doc(hidden)]
 
