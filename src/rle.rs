@@ -311,7 +311,7 @@ mod tests {
 
     #[test]
     fn the_string_is_cocos() {
-        // The real check is tests/it/masks.rs against pycocotools; here the coding by hand.
+        // The real check is tests/it/instance_serving.rs against pycocotools; here the coding by hand.
         let r = Rle {
             height: 10,
             width: 10,
