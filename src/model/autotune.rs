@@ -26,7 +26,17 @@ pub const TIMED_PASSES: usize = 2;
 
 /// The settings `auto` chooses among on `device`, exact fp32 first (the reference).
 pub fn candidates(device: Device) -> Vec<Precision> {
-    let mut c = vec![Precision::Fp32, Precision::Fp32Fast, Precision::Bf16];
+    candidates_where(device, super::device::cpu_has_bf16_instructions())
+}
+
+/// As `candidates`, given whether the CPU has bf16 instructions: without them bf16 is not
+/// tried on the CPU (it only emulates, several times slower than fp32), which saves most of
+/// the trial's time there.
+pub fn candidates_where(device: Device, cpu_bf16: bool) -> Vec<Precision> {
+    let mut c = vec![Precision::Fp32, Precision::Fp32Fast];
+    if device.is_cuda() || cpu_bf16 {
+        c.push(Precision::Bf16);
+    }
     if device.is_cuda() {
         c.push(Precision::Fp16);
     }
@@ -301,6 +311,18 @@ mod tests {
         assert_eq!(choose(&inaccurate, 0.95), Precision::Fp32);
     }
 
+    /// bf16 is tried on a CPU only where it has bf16 instructions; fp16 only on CUDA.
+    #[test]
+    fn candidates_follow_the_device_and_the_cpu() {
+        use Precision::*;
+        assert_eq!(candidates_where(Device::Cpu, false), [Fp32, Fp32Fast]);
+        assert_eq!(candidates_where(Device::Cpu, true), [Fp32, Fp32Fast, Bf16]);
+        assert_eq!(
+            candidates_where(Device::Cuda(0), false),
+            [Fp32, Fp32Fast, Bf16, Fp16]
+        );
+    }
+
     /// The trial with injected timings and agreements: keeps the model it chose.
     #[test]
     fn the_trial_keeps_the_chosen_model() {
@@ -314,7 +336,7 @@ mod tests {
             }
         };
         let agree = |r: &i32, o: &i32| f64::from(100 - (r - o).abs()) / 100.0;
-        let cands = candidates(Device::Cpu);
+        let cands = candidates_where(Device::Cpu, true);
         let (model, d) = trial(&cands, 0.95, timings(1.5, 0.5, 100), agree).unwrap();
         assert_eq!((model, d.chosen.as_str()), (Precision::Bf16, "bf16"));
         let (model, d) = trial(&cands, 0.95, timings(1.5, 2.5, 100), agree).unwrap();

@@ -48,13 +48,25 @@ super::named::named!(Precision {
     Auto => "auto",
 });
 
-/// The CPU has AMX-BF16 tiles (read from /proc/cpuinfo's flags). AVX512-BF16 alone does not
-/// count: measured on such a CPU, oneDNN's bf16 convolutions ran slower than its f32 ones.
-fn cpu_has_amx_bf16() -> bool {
+/// Whether the CPU's flags (from /proc/cpuinfo) include any of `wanted`.
+fn cpu_has_flag(wanted: &[&str]) -> bool {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     info.lines()
         .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "amx_bf16"))
+        .any(|l| l.split_whitespace().any(|f| wanted.contains(&f)))
+}
+
+/// The CPU has AMX-BF16 tiles. AVX512-BF16 alone does not count: measured on such a CPU,
+/// oneDNN's bf16 convolutions ran slower than its f32 ones.
+fn cpu_has_amx_bf16() -> bool {
+    cpu_has_flag(&["amx_bf16"])
+}
+
+/// The CPU has bf16 dot-product instructions (AVX512-BF16 or AMX-BF16). Without them oneDNN
+/// emulates bf16 through f32: measured on an AMD EPYC Zen 3 (no AVX-512), bf16 took 8-9
+/// times fp32's time, so `auto` does not spend its trial on it there.
+pub fn cpu_has_bf16_instructions() -> bool {
+    cpu_has_flag(&["avx512_bf16", "amx_bf16"])
 }
 
 /// The precision `auto` stands for on `device`, and how the model then computes. Box
