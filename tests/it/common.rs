@@ -283,15 +283,6 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         .double_value(&[])
 }
 
-pub fn assert_close(what: &str, ours: &Tensor, theirs: &Tensor, tol: f64) {
-    let d = max_abs_diff(ours, theirs);
-    eprintln!("{what}: max |detectd - torchvision| = {d:e}");
-    assert!(
-        d <= tol,
-        "{what}: max |detectd - torchvision| = {d:e} > {tol:e}"
-    );
-}
-
 /// Asserts that `ours` and `theirs` have one shape and are equal element for element: what
 /// "exact" means in this project's claims. Prints the largest difference either way.
 pub fn assert_equal(what: &str, ours: &Tensor, theirs: &Tensor) {
@@ -517,6 +508,32 @@ impl Drop for Server {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.stderr_path);
     }
+}
+
+/// A server shared by the tests that need nothing of their own from it (a start loads
+/// weights; those tests only read): started by the first that asks, through `cell`, and
+/// killed when the test binary exits, since a static is never dropped.
+pub fn shared(cell: &'static OnceLock<Server>, start: impl FnOnce() -> Server) -> &'static Server {
+    cell.get_or_init(|| {
+        let server = start();
+        kill_at_exit(server.child.id());
+        server
+    })
+}
+
+fn kill_at_exit(pid: u32) {
+    static PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    extern "C" fn kill_all() {
+        let pids = PIDS.lock().map(|p| p.clone()).unwrap_or_default();
+        for pid in pids {
+            // SAFETY: kill(2) on a pid this process started; no memory is involved.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+    PIDS.lock().expect("shared server pids").push(pid);
+    // SAFETY: registers a plain function with no arguments, as atexit(3) asks.
+    HOOK.call_once(|| assert_eq!(unsafe { libc::atexit(kill_all) }, 0, "atexit"));
 }
 
 fn uuid_like() -> u64 {

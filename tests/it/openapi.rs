@@ -3,25 +3,29 @@
 //! a Mask R-CNN, so that answers with masks are checked too).
 
 use std::process::Command;
+use std::sync::OnceLock;
 
 use crate::common::*;
 use serde_json::Value;
 
 /// A Mask R-CNN as the detector, so that schemathesis also checks answers carrying masks
-/// against the document.
-fn server() -> Server {
-    let masks = path_str(&instance_weights("mask-v1"));
-    Server::start(
-        &[
-            "--detector-weights",
-            &masks,
-            "--classifier-weights",
-            &classifier_weights(),
-            "--warmup-images",
-            "0",
-        ],
-        true,
-    )
+/// against the document; one server for both tests, which only read from it.
+fn server() -> &'static Server {
+    static SERVER: OnceLock<Server> = OnceLock::new();
+    shared(&SERVER, || {
+        let masks = path_str(&instance_weights("mask-v1"));
+        Server::start(
+            &[
+                "--detector-weights",
+                &masks,
+                "--classifier-weights",
+                &classifier_weights(),
+                "--warmup-images",
+                "0",
+            ],
+            true,
+        )
+    })
 }
 
 #[test]

@@ -12,14 +12,16 @@ use crate::common::*;
 use detectd::model::agreement::DetectionAgreement;
 use detectd::model::classifier::CROP;
 use detectd::model::detector::DetectorConfig;
-use detectd::model::transform::{prepare_classifier, prepare_detector};
+use detectd::model::transform::{prepare_classifier, prepare_detector, Prepared};
 use detectd::model::{
-    resolve_precision, ArchChoice, Classifier, Compute, DetectRequest, FasterRcnn, Named,
-    Precision, Preset,
+    resolve_precision, ArchChoice, Classifier, Compute, DetectRequest, Detection, FasterRcnn,
+    Named, Precision, Preset,
 };
+use std::sync::OnceLock;
 use tch::Device;
 
-fn detector(arch: &str, precision: Precision) -> FasterRcnn {
+/// The calibrated seeded detector's weights, `det_{arch}_calibrated.pth`.
+pub fn calibrated_weights(arch: &str) -> std::path::PathBuf {
     // BatchNorm statistics from data and small residual branches, as in trained weights.
     let args = [
         "make-detector",
@@ -31,10 +33,15 @@ fn detector(arch: &str, precision: Precision) -> FasterRcnn {
         "--weights",
         "{out}",
     ];
-    let weights = tvref(
+    tvref(
         &data_dir().join(format!("det_{arch}_calibrated.pth")),
         &args,
-    );
+    )
+}
+
+/// That detector in `precision`.
+fn detector(arch: &str, precision: Precision) -> FasterRcnn {
+    let weights = calibrated_weights(arch);
     let compute = resolve_precision(precision, Device::Cpu).1;
     let config = DetectorConfig {
         arch: ArchChoice::Auto,
@@ -55,24 +62,52 @@ const BF16_DETECTIONS: f64 = 0.8;
 /// bf16's top-1 agreement with fp32 on the 20 classifier images (measured: see the test).
 const BF16_TOP1: f64 = 0.8;
 
-/// How `precision` reproduces fp32's confident detections, over three images.
-fn detector_agreement(arch: &str, precision: Precision) -> DetectionAgreement {
-    let imgs = images(&[
-        "d480x640.png:480x640:RGB",
-        "dgray.png:150x200:L",
-        "b375x500.png:375x500:RGB",
-    ]);
-    let prepared: Vec<_> = imgs
+/// The three images the detector agreement is measured on (here and by `detectd compare`'s
+/// test).
+pub const AGREEMENT_IMAGES: [&str; 3] = [
+    "d480x640.png:480x640:RGB",
+    "dgray.png:150x200:L",
+    "b375x500.png:375x500:RGB",
+];
+
+/// Those images, prepared.
+fn agreement_inputs() -> Vec<Prepared> {
+    images(&AGREEMENT_IMAGES)
         .iter()
         .map(|p| prepare_detector(&decode_file(p)).expect("prepare"))
-        .collect();
-    let requests = DetectRequest::each(&prepared, 0.05);
-    let exact = detector(arch, Precision::Fp32)
-        .detect(&requests)
-        .expect("fp32");
-    let fast = detector(arch, precision)
-        .detect(&requests)
-        .expect("fast precision");
+        .collect()
+}
+
+/// fp32's detections on those images, run once per architecture for every test that needs
+/// them.
+fn exact_detections(arch: &'static str) -> &'static [Vec<Detection>] {
+    static V1: OnceLock<Vec<Vec<Detection>>> = OnceLock::new();
+    static V2: OnceLock<Vec<Vec<Detection>>> = OnceLock::new();
+    let cell = if arch == "v1" { &V1 } else { &V2 };
+    cell.get_or_init(|| run_detector(arch, Precision::Fp32))
+}
+
+/// v1's bf16 detections on those images, run once for this file's bar and for the test of
+/// `detectd compare` (bf16 without bf16 instructions takes minutes on 2 cores).
+pub fn bf16_detections() -> &'static [Vec<Detection>] {
+    static BF16: OnceLock<Vec<Vec<Detection>>> = OnceLock::new();
+    BF16.get_or_init(|| run_detector("v1", Precision::Bf16))
+}
+
+fn run_detector(arch: &str, precision: Precision) -> Vec<Vec<Detection>> {
+    let prepared = agreement_inputs();
+    detector(arch, precision)
+        .detect(&DetectRequest::each(&prepared, 0.05))
+        .expect("detect")
+}
+
+/// How `precision` reproduces fp32's confident detections, over three images.
+fn detector_agreement(arch: &'static str, precision: Precision) -> DetectionAgreement {
+    let exact = exact_detections(arch);
+    let fast = match precision {
+        Precision::Bf16 if arch == "v1" => bf16_detections().to_vec(),
+        _ => run_detector(arch, precision),
+    };
     let mut a = DetectionAgreement::default();
     for (e, f) in exact.iter().zip(&fast) {
         a.add(e, f, 0);
