@@ -328,6 +328,22 @@ pub fn try_series(metrics: &str, series: &str) -> Option<f64> {
 
 /// The detector's queue depth series, as a test server (one version) names it.
 pub const DETECTOR_QUEUE: &str = "detectd_queue_depth{model=\"detector\",version=\"1\"}";
+/// The detector's jobs whose pass has started: the queue-time histogram's count.
+const DETECTOR_STARTED: &str =
+    "detectd_queue_duration_seconds_count{model=\"detector\",version=\"1\"}";
+
+/// Whether all `n` detector requests a test sent are admitted, and at least `waiting` of them
+/// still wait for their pass, from one scrape. A request counts in the queue depth from its
+/// admission (before its image is decoded) until its pass starts, then in the started count:
+/// the depth alone can count a first request not yet started and miss the last one, which a
+/// SIGTERM sent then would refuse.
+pub fn detector_admitted(server: &Server, n: f64, waiting: f64) -> bool {
+    let m = server.metrics();
+    let queued = try_series(&m, DETECTOR_QUEUE).unwrap_or(0.0);
+    // No pass started yet: the histogram has no series for the model until its first one.
+    let started = try_series(&m, DETECTOR_STARTED).unwrap_or(0.0);
+    started + queued >= n && queued >= waiting
+}
 
 pub fn decode_file(path: &Path) -> Tensor {
     let bytes = std::fs::read(path).expect("read image");

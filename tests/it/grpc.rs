@@ -417,7 +417,7 @@ fn a_drain_turns_health_off_refuses_new_calls_and_finishes_running_ones() {
     rt.block_on(async {
         let c = detector(&server).await;
         // Four detector passes of a second or more each, one at a time: SIGTERM goes once
-        // three of them are seen waiting behind the one running.
+        // all four are admitted and at least two still wait behind the one running.
         let running: Vec<_> = (0..4)
             .map(|_| {
                 let mut c = c.clone();
@@ -431,15 +431,11 @@ fn a_drain_turns_health_off_refuses_new_calls_and_finishes_running_ones() {
                 })
             })
             .collect();
-        let queued = {
-            let server = &server;
-            move || try_series(&server.metrics(), DETECTOR_QUEUE).is_some_and(|n| n >= 3.0)
-        };
         tokio::task::block_in_place(|| {
             wait_until(
-                "three calls queued behind a running one",
+                "four calls admitted, two waiting behind a running one",
                 Duration::from_secs(60),
-                queued,
+                || detector_admitted(&server, 4.0, 2.0),
             )
         });
         let pid = server.child.id().to_string();

@@ -57,10 +57,14 @@ fn detector(arch: &str, precision: Precision) -> FasterRcnn {
 /// BatchNorm and channels-last convolutions sum in another order, ~1e-5 relative.
 const FP32_FAST_BOX_DRIFT: f32 = 0.05;
 const FP32_FAST_SCORE_DRIFT: f32 = 1e-3;
-/// bf16's share of fp32's confident detections on these seeded weights (measured 0.89).
+/// bf16's share of fp32's confident detections on these seeded weights (measured 0.89 on an
+/// EPYC Zen 4 with AVX512-BF16, 0.873 = 62/71 on a Zen 3, where oneDNN emulates bf16).
 const BF16_DETECTIONS: f64 = 0.8;
-/// bf16's top-1 agreement with fp32 on the 20 classifier images (measured: see the test).
-const BF16_TOP1: f64 = 0.8;
+/// bf16's top-1 agreement with fp32 on the 20 classifier images (measured 16/20 on the Zen 3).
+/// Random weights put many top-1 classes within bf16's rounding of the second, so the bar
+/// leaves two images to the CPU's kernels; a broken bf16 path (classes shifted, a wrong
+/// layout) agrees on one image in twenty or none.
+const BF16_TOP1: f64 = 0.7;
 
 /// The three images the detector agreement is measured on (here and by `detectd compare`'s
 /// test).

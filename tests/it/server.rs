@@ -572,8 +572,8 @@ fn sigterm_finishes_in_flight_requests_then_exits_0() {
         ],
         true,
     );
-    // Four detector passes of a second or more each, one at a time: SIGTERM goes once the
-    // test has seen three of them waiting behind the one running.
+    // Four detector passes of a second or more each, one at a time: SIGTERM goes once all
+    // four are admitted and at least two still wait behind the one running.
     let handles: Vec<_> = (0..4)
         .map(|_| {
             let (url, body) = (server.url("/detect"), read(&imgs[0]));
@@ -588,9 +588,9 @@ fn sigterm_finishes_in_flight_requests_then_exits_0() {
         })
         .collect();
     wait_until(
-        "three requests queued behind a running one",
+        "four requests admitted, two waiting behind a running one",
         Duration::from_secs(60),
-        || try_series(&server.metrics(), DETECTOR_QUEUE).is_some_and(|n| n >= 3.0),
+        || detector_admitted(&server, 4.0, 2.0),
     );
     let pid = server.child.id().to_string();
     assert!(std::process::Command::new("kill")
