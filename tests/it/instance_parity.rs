@@ -177,11 +177,18 @@ fn keypoints_match_torchvision() {
 /// keypoints equal its single-image ones.
 #[test]
 fn masks_and_keypoints_are_batch_invariant() {
-    let images = images(&["b427x640.png:427x640:RGB", "b480x640.png:480x640:RGB"]);
+    // Both resized to 800×1066 and padded to 800×1088 (427×640 would pad to 800×1216 and run
+    // alone, testing nothing).
+    let images = images(&["b375x500.png:375x500:RGB", "b480x640.png:480x640:RGB"]);
     let prepared: Vec<_> = images
         .iter()
         .map(|p| prepare_detector(&decode_file(p)).expect("prepare"))
         .collect();
+    assert_eq!(
+        prepared[0].padded(),
+        prepared[1].padded(),
+        "the two images must share a forward pass"
+    );
     for arch in ["mask-v2", "keypoint"] {
         let mut model = model(arch);
         model.images_per_forward = usize::MAX;
