@@ -47,7 +47,7 @@ pub enum Command {
     Classify(ClassifyArgs),
     /// Time the detector or classifier in-process on synthetic images (JSON out).
     Bench(bench::BenchArgs),
-    /// Serve /detect and /classify over HTTP.
+    /// Serve the models over HTTP (JSON, OpenAPI, the page at /) and gRPC, several by name.
     Serve(Box<serve::ServeArgs>),
     /// A faster --precision against fp32 on your own weights and images: what agrees.
     Compare(compare::CompareArgs),
@@ -62,8 +62,30 @@ pub enum Command {
 pub enum WeightsCommand {
     /// The published checkpoints, their URLs and whether (and where) they are cached.
     List(CacheArgs),
-    /// Download and verify published checkpoints (all four when none is named) or a URL.
+    /// Download and verify published checkpoints (all of them when none is named) or a URL.
+    #[command(about = fetch_about())]
     Fetch(FetchArgs),
+}
+
+/// The help of `weights fetch`, counted and named from the table `weights list` prints, so
+/// the two cannot disagree.
+fn fetch_about() -> String {
+    format!(
+        "Download and verify published checkpoints (all {} when none is named) or a URL",
+        hub::PUBLISHED.len()
+    )
+}
+
+fn targets_help() -> String {
+    let names = hub::PUBLISHED
+        .iter()
+        .map(|p| match p.aliases {
+            [] => p.id.to_owned(),
+            aliases => format!("{} ({})", p.id, aliases.join(", ")),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("Published names ({names}; see `weights list`) or http(s) URLs")
 }
 
 #[derive(Args, Debug)]
@@ -76,7 +98,8 @@ pub struct FetchArgs {
     /// Where to put the file (default: the cache folder, under the URL's file name).
     #[arg(long)]
     pub output: Option<PathBuf>,
-    /// Published names (v1, v2, resnet50-v1, resnet50-v2; see `weights list`) or http(s) URLs.
+    /// Published names (listed from the table `weights list` prints) or http(s) URLs.
+    #[arg(help = targets_help())]
     pub targets: Vec<String>,
 }
 

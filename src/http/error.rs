@@ -96,6 +96,11 @@ impl ApiError {
         }
     }
 
+    /// The JSON every refusal answers with: `{error, code}`.
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": self.to_string(), "code": self.code()})
+    }
+
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::BadRequest(_) => "bad_request",
@@ -230,11 +235,7 @@ impl IntoResponse for ApiError {
             // The span carries the request id.
             tracing::error!(error = %detail, "internal error");
         }
-        let mut response = (
-            self.status(),
-            axum::Json(json!({"error": self.to_string(), "code": self.code()})),
-        )
-            .into_response();
+        let mut response = (self.status(), axum::Json(self.body())).into_response();
         let headers = response.headers_mut();
         match self {
             ApiError::QueueFull | ApiError::Busy(_) => {

@@ -5,8 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
@@ -14,7 +13,7 @@ use serde::Serialize;
 
 use super::error::{ApiError, ModelErrors};
 use super::input::{
-    self, ClassifyParams, DetectParams, ImageBytes, JsonBody, MultipartBody, Params,
+    self, ClassifyParams, DetectParams, ImageBytes, JsonBody, MultipartBody, Params, QueryParams,
 };
 use super::{AppState, SERVER_TIMING};
 use crate::api::{
@@ -26,12 +25,6 @@ use crate::labels::NamedDetection;
 use crate::model::Named;
 use crate::render;
 use crate::service::{ModelState, State as ModelLoad, Task, Timing};
-
-fn query_params<P>(query: Result<Query<P>, QueryRejection>) -> Result<P, ApiError> {
-    query
-        .map(|q| q.0)
-        .map_err(|e| ApiError::InvalidParameter(e.body_text()))
-}
 
 fn with_timing(body: impl Serialize, timing: Timing) -> Response {
     timed(Json(body).into_response(), timing)
@@ -90,18 +83,20 @@ async fn rendered(
 
 async fn read_body<P: Params>(
     state: &AppState,
-    query: Result<Query<P>, QueryRejection>,
+    query: QueryParams<P>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<input::Read<P>, ApiError> {
-    input::read(headers, body, query_params(query)?, &state.input).await
+    input::read(headers, body, query.0?, &state.input).await
 }
 
 /// Detect objects in one image or several.
 ///
 /// The body is one image (any image/* type or application/octet-stream), a multipart form
 /// whose file parts are images, or JSON with base64 images. Parameters come from the query
-/// string or, for multipart and JSON, from fields of the body (the query wins).
+/// string or, for multipart and JSON, from fields of the body (the query wins). A name not
+/// listed here, in any of those places, is refused (422 `invalid_parameter`, naming the known
+/// ones), never ignored.
 #[utoipa::path(
     post, path = "/detect", tag = "models",
     params(DetectParams),
@@ -120,7 +115,7 @@ async fn read_body<P: Params>(
 )]
 pub async fn detect(
     State(state): State<Arc<AppState>>,
-    query: Result<Query<DetectParams>, QueryRejection>,
+    query: QueryParams<DetectParams>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -149,7 +144,7 @@ pub async fn detect(
 pub async fn detect_named(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
-    query: Result<Query<DetectParams>, QueryRejection>,
+    query: QueryParams<DetectParams>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -159,16 +154,16 @@ pub async fn detect_named(
 /// The model a request names: the path's, else `model` from the query string.
 fn model_of<P>(
     path: Option<String>,
-    query: &Result<Query<P>, QueryRejection>,
+    query: &QueryParams<P>,
     model: impl Fn(&P) -> Option<&String>,
 ) -> Option<String> {
-    path.or_else(|| query.as_ref().ok().and_then(|q| model(&q.0).cloned()))
+    path.or_else(|| query.0.as_ref().ok().and_then(|q| model(q).cloned()))
 }
 
 async fn detect_with(
     state: Arc<AppState>,
     path: Option<String>,
-    query: Result<Query<DetectParams>, QueryRejection>,
+    query: QueryParams<DetectParams>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -233,7 +228,7 @@ async fn detect_with(
 )]
 pub async fn classify(
     State(state): State<Arc<AppState>>,
-    query: Result<Query<ClassifyParams>, QueryRejection>,
+    query: QueryParams<ClassifyParams>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -258,7 +253,7 @@ pub async fn classify(
 pub async fn classify_named(
     State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
-    query: Result<Query<ClassifyParams>, QueryRejection>,
+    query: QueryParams<ClassifyParams>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -268,7 +263,7 @@ pub async fn classify_named(
 async fn classify_with(
     state: Arc<AppState>,
     path: Option<String>,
-    query: Result<Query<ClassifyParams>, QueryRejection>,
+    query: QueryParams<ClassifyParams>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {

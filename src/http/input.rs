@@ -4,12 +4,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+
 use axum::body::Body;
-use axum::http::{header, HeaderMap};
+use axum::extract::{FromRequestParts, Query};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, Uri};
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use utoipa::{IntoParams, ToSchema};
@@ -85,8 +90,69 @@ impl LabelList {
 }
 
 /// Parameters that can come from two places; query parameters win over body fields.
-pub trait Params: DeserializeOwned + Default + Send {
+pub trait Params: DeserializeOwned + Default + Send + IntoParams {
     fn or(self, other: Self) -> Self;
+
+    /// The names the route reads: the API document's list, so the two cannot differ.
+    fn names() -> Vec<String> {
+        Self::into_params(|| None)
+            .into_iter()
+            .map(|p| p.name)
+            .collect()
+    }
+}
+
+/// The names a JSON body holds besides the parameters.
+const IMAGE_FIELDS: [&str; 2] = ["image", "images"];
+
+/// Refuses the first name the route does not read, naming the known ones and the closest:
+/// a misspelt setting (`score_treshold`) would otherwise be ignored, and the answer given
+/// with the default as if nothing were wrong.
+fn known_only<'a>(
+    given: impl IntoIterator<Item = &'a str>,
+    known: &[String],
+    what: &str,
+) -> Result<(), ApiError> {
+    let Some(unknown) = given.into_iter().find(|g| !known.iter().any(|k| k == g)) else {
+        return Ok(());
+    };
+    // clap's threshold for "a similar argument exists".
+    let closest = known
+        .iter()
+        .map(|k| (strsim::jaro(unknown, k), k))
+        .filter(|(score, _)| *score > 0.7)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| format!(" (did you mean {k:?}?)"))
+        .unwrap_or_default();
+    Err(ApiError::InvalidParameter(format!(
+        "unknown {what} {unknown:?}{closest}; known: {}",
+        known.join(", ")
+    )))
+}
+
+/// A route's query parameters, read at extraction but refused by the handler after it has
+/// picked the model (a draining server answers 503 first, whatever the query): a malformed
+/// value, or a name the route does not read.
+pub struct QueryParams<P>(pub Result<P, ApiError>);
+
+impl<P: Params, S: Send + Sync> FromRequestParts<S> for QueryParams<P> {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(Self(query_params(&parts.uri)))
+    }
+}
+
+fn query_params<P: Params>(uri: &Uri) -> Result<P, ApiError> {
+    let invalid =
+        |e: axum::extract::rejection::QueryRejection| ApiError::InvalidParameter(e.body_text());
+    let pairs = Query::<Vec<(String, String)>>::try_from_uri(uri).map_err(invalid)?;
+    known_only(
+        pairs.0.iter().map(|(name, _)| name.as_str()),
+        &P::names(),
+        "query parameter",
+    )?;
+    Query::<P>::try_from_uri(uri).map(|q| q.0).map_err(invalid)
 }
 
 impl Params for DetectParams {
@@ -148,6 +214,10 @@ pub struct JsonBody<P> {
     pub images: Option<Vec<String>>,
     #[serde(flatten)]
     pub params: P,
+    /// What is left after the fields above: refused (422 `invalid_parameter`), never ignored.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub unknown: BTreeMap<String, IgnoredAny>,
 }
 
 /// A multipart request: every file part is an image (answered in order); text parts are
@@ -370,6 +440,7 @@ async fn read_multipart<P: Params>(
             fields.insert(name, value);
         }
     }
+    known_only(fields.keys().map(String::as_str), &P::names(), "field")?;
     let params = serde_json::from_value(serde_json::Value::Object(fields))
         .map_err(|e| ApiError::InvalidParameter(format!("invalid parameter: {e}")))?;
     Ok((images, params))
@@ -383,6 +454,11 @@ fn read_json<P: Params>(bytes: &[u8], max_images: usize) -> Result<(Vec<Bytes>, 
             ApiError::BadRequest(format!("invalid JSON: {e}"))
         }
     })?;
+    let known: Vec<String> = P::names()
+        .into_iter()
+        .chain(IMAGE_FIELDS.map(str::to_owned))
+        .collect();
+    known_only(body.unknown.keys().map(String::as_str), &known, "field")?;
     let encoded: Vec<String> = body
         .image
         .into_iter()

@@ -14,8 +14,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+
+use super::error::ApiError;
 
 #[derive(Clone, Copy, Debug)]
 pub struct ConnectionLimits {
@@ -54,6 +57,41 @@ async fn first_bytes_tell_the_version(stream: &tokio::net::TcpStream, limit: Dur
         }
     };
     tokio::time::timeout(limit, sniff).await.unwrap_or(false)
+}
+
+/// hyper's default cap on a request's headers; more is hyper's 431, not a malformed request.
+const MAX_HEADERS: usize = 100;
+/// How much of a first request is read ahead to judge it (hyper's first read is 8 KiB).
+const LOOK_AHEAD: usize = 8 * 1024;
+
+/// Answers a connection's first request here when what has arrived of its request line and
+/// headers cannot be HTTP/1.1: 400 with the JSON `{error, code}` of every other refusal, then
+/// the connection is closed. hyper would answer the same 400 with an empty body and has no
+/// hook to choose one; it reads with the same parser (httparse), so both agree on what is
+/// malformed. True when answered. What hyper refuses only after parsing (a bad
+/// Content-Length, a target that is no URI) and a malformed later request on a kept-alive
+/// connection keep hyper's empty 400 (see the README's *Limits*).
+async fn answered_as_malformed(stream: &mut TcpStream) -> bool {
+    let mut buf = vec![0u8; LOOK_AHEAD];
+    let n = match stream.peek(&mut buf).await {
+        Ok(n) if !buf[..n].starts_with(H2_PREFACE) => n,
+        _ => return false,
+    };
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let error = match httparse::Request::new(&mut headers).parse(&buf[..n]) {
+        Ok(_) | Err(httparse::Error::TooManyHeaders) => return false,
+        Err(e) => e,
+    };
+    let refusal = ApiError::BadRequest(format!("malformed HTTP request: {error}"));
+    let body = refusal.body().to_string();
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // The client may be gone already; either way the connection ends here.
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+    true
 }
 
 /// How long to wait before accepting again after an accept error (out of descriptors, say),
@@ -107,7 +145,10 @@ pub async fn serve(
         let (open, limit) = (open.clone(), limits.header_read_timeout);
         open.inc();
         tokio::spawn(async move {
-            if first_bytes_tell_the_version(&stream, limit).await {
+            let mut stream = stream;
+            if first_bytes_tell_the_version(&stream, limit).await
+                && !answered_as_malformed(&mut stream).await
+            {
                 let service = TowerToHyperService::new(app);
                 let connection =
                     builder.serve_connection_with_upgrades(TokioIo::new(stream), service);

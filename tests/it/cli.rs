@@ -161,3 +161,39 @@ fn unreadable_files_are_named_and_the_rest_still_printed() {
         );
     }
 }
+
+/// `weights fetch --help` names every checkpoint `weights list` prints, and counts them: both
+/// come from one table (a help text once said "all four" when there were eight).
+#[test]
+fn fetch_help_names_what_weights_list_lists() {
+    let cache = tempfile::tempdir().expect("temp dir");
+    let cache_dir = path_str(cache.path());
+    let list = detectd(&["weights", "list", "--cache-dir", &cache_dir]);
+    assert!(list.status.success(), "{list:?}");
+    let listed: Vec<Vec<String>> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .skip(1)
+        .map(|row| {
+            // "fasterrcnn-v1, v1   -   /path   url": the names before the cached column.
+            let names = row.split("   ").next().unwrap_or("");
+            names.split(", ").map(|n| n.trim().to_owned()).collect()
+        })
+        .collect();
+    assert!(listed.len() >= 8, "{listed:?}");
+    let help = detectd(&["weights", "fetch", "--help"]);
+    assert!(help.status.success(), "{help:?}");
+    let help = String::from_utf8_lossy(&help.stdout).replace('\n', " ");
+    assert!(
+        help.contains(&format!("(all {} when none is named)", listed.len())),
+        "{help}"
+    );
+    let words: Vec<&str> = help
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .collect();
+    for name in listed.iter().flatten() {
+        assert!(
+            words.contains(&name.as_str()),
+            "{name} is not in the help: {help}"
+        );
+    }
+}

@@ -372,3 +372,139 @@ fn the_admin_api_needs_its_key_and_is_absent_without_one() {
         assert_eq!(status, 404, "deleted twice");
     });
 }
+
+/// A setting the route does not read is refused, not ignored: in the query, a JSON body's
+/// fields and a multipart body's text parts, with the known names and the closest one.
+#[test]
+fn unknown_parameters_are_refused_with_the_known_ones() {
+    let app = app(Setup::default());
+    let refused = |body: &Value, unknown: &str, close: Option<&str>| {
+        assert_eq!(body["code"], "invalid_parameter", "{body}");
+        let error = body["error"].as_str().unwrap_or("");
+        assert!(error.contains(&format!("{unknown:?}")), "{error}");
+        assert!(
+            error.contains("; known: model, score_threshold, max_detections"),
+            "{error}"
+        );
+        match close {
+            Some(c) => assert!(error.contains(&format!("did you mean {c:?}")), "{error}"),
+            None => assert!(!error.contains("did you mean"), "{error}"),
+        }
+    };
+    runtime().block_on(async {
+        for path in [
+            "/detect?score_treshold=0.9",
+            "/v1/models/other/detect?score_threshold=0.5&score_treshold=0.9",
+        ] {
+            let (status, body) = send(&app, post(path, "image/png", png_of(8, 8))).await;
+            assert_eq!(status, 422, "{path}: {body}");
+            refused(&body, "score_treshold", Some("score_threshold"));
+        }
+        let (status, body) = send(
+            &app,
+            post("/detect?tile=512x512", "image/png", png_of(8, 8)),
+        )
+        .await;
+        assert_eq!(status, 422, "{body}");
+        refused(&body, "tile", None);
+
+        let one = base64::engine::general_purpose::STANDARD.encode(png_of(8, 8));
+        let json = serde_json::to_vec(&json!({"image": one, "max_detection": 3})).expect("json");
+        let (status, body) = send(&app, post("/detect", "application/json", json)).await;
+        assert_eq!(status, 422, "{body}");
+        refused(&body, "max_detection", Some("max_detections"));
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("image, images"),
+            "{body}"
+        );
+
+        let boundary = "b0undary";
+        let mut form = format!(
+            "--{boundary}\r\ncontent-disposition: form-data; name=\"lables\"\r\n\r\nperson\r\n\
+             --{boundary}\r\ncontent-disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\
+             content-type: image/png\r\n\r\n"
+        )
+        .into_bytes();
+        form.extend(png_of(8, 8));
+        form.extend(format!("\r\n--{boundary}--\r\n").into_bytes());
+        let content_type = format!("multipart/form-data; boundary={boundary}");
+        let (status, body) = send(&app, post("/detect", &content_type, form)).await;
+        assert_eq!(status, 422, "{body}");
+        refused(&body, "lables", Some("labels"));
+
+        // The known names still work, from every place.
+        let (status, body) = send(
+            &app,
+            post(
+                "/detect?score_threshold=0.5&max_detections=3",
+                "image/png",
+                png_of(8, 8),
+            ),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    });
+}
+
+/// A request that is not HTTP/1.1 at all (a garbage request line, a header line without a
+/// colon) is answered 400 with the JSON error body, not hyper's empty one, and the server goes
+/// on serving.
+#[test]
+fn malformed_http_is_refused_in_json() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = app(Setup::default());
+    runtime().block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let limits = detectd::http::ConnectionLimits {
+            max_connections: 16,
+            header_read_timeout: Duration::from_secs(5),
+            max_concurrent_streams: 16,
+        };
+        let open = prometheus::IntGauge::new("open", "open connections").expect("gauge");
+        tokio::spawn(detectd::http::serve(
+            listener,
+            app,
+            limits,
+            open,
+            std::future::pending(),
+        ));
+        let exchange = |request: &'static [u8]| async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            stream.write_all(request).await.expect("send");
+            let mut answer = Vec::new();
+            let read = stream.read_to_end(&mut answer);
+            tokio::time::timeout(Duration::from_secs(10), read)
+                .await
+                .expect("an answer within 10 s")
+                .expect("read");
+            String::from_utf8_lossy(&answer).into_owned()
+        };
+        for request in [
+            &b"\x16\x03\x01\x02\x00 not http at all\r\n\r\n"[..],
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+            b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n",
+        ] {
+            let answer = exchange(request).await;
+            assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+            let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+            let body: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+            assert_eq!(body["code"], "bad_request", "{answer}");
+            assert!(
+                body["error"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("malformed HTTP request"),
+                "{answer}"
+            );
+        }
+        let answer =
+            exchange(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    });
+}
