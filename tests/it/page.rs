@@ -1,6 +1,6 @@
 //! The page at `/` in headless Chromium (tests/support/page.py, playwright driving Debian's
 //! chromium): upload an image, detect, and see boxes on the canvas and rows in the table. The
-//! screenshot is kept at target/artifacts/page.png.
+//! screenshot (the 1280x800 viewport) is kept at target/artifacts/page.png.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -65,6 +65,91 @@ fn the_page_draws_boxes_and_lists_them() {
         "first box not drawn: {report}"
     );
     assert!(screenshot.exists());
+    assert_the_page_serves_the_picture(&report);
+}
+
+/// At 1280x800 the drawn image takes at least half the page's width; hovering a row
+/// highlights its box, hovering a box marks its row (the smallest box under the pointer), and
+/// leaving restores the picture; the headers sort; the table collapses.
+fn assert_the_page_serves_the_picture(report: &Value) {
+    let layout = &report["layout"];
+    let (drawn, page) = (
+        layout["drawn"].as_f64().unwrap_or(0.0),
+        layout["page"].as_f64().unwrap_or(f64::INFINITY),
+    );
+    assert!(page > 1200.0 && drawn >= page / 2.0, "{layout}");
+
+    let hover = &report["hover"];
+    let (before, row, canvas, after) = (
+        &hover["before"],
+        &hover["row"],
+        &hover["canvas"],
+        &hover["after"],
+    );
+    let none: Vec<Value> = Vec::new();
+    assert_eq!(before["canvas"], -1, "{hover}");
+    assert_eq!(before["rows"].as_array(), Some(&none), "{hover}");
+    assert_eq!(
+        row["canvas"], row["index"],
+        "the row's box is highlighted: {hover}"
+    );
+    assert_eq!(row["rows"], serde_json::json!([row["index"]]), "{hover}");
+    assert_ne!(
+        row["pixels"], before["pixels"],
+        "the highlight is drawn: {hover}"
+    );
+    let hot = canvas["canvas"].as_i64().unwrap_or(-1);
+    assert!(hot >= 0, "nothing highlighted under the pointer: {hover}");
+    assert_eq!(
+        canvas["rows"],
+        serde_json::json!([hot]),
+        "the box's row: {hover}"
+    );
+    let (point, b) = (&canvas["point"], &canvas["box"]);
+    let at = |v: &Value, i: usize| v[i].as_f64().unwrap_or(f64::NAN);
+    assert!(
+        at(b, 0) - 0.1 <= at(point, 0)
+            && at(point, 0) <= at(b, 2) + 0.1
+            && at(b, 1) - 0.1 <= at(point, 1)
+            && at(point, 1) <= at(b, 3) + 0.1,
+        "the marked row's box holds the pointer: {hover}"
+    );
+    assert_eq!(after["canvas"], -1, "{hover}");
+    assert_eq!(after["rows"].as_array(), Some(&none), "{hover}");
+    assert_eq!(
+        after["pixels"], before["pixels"],
+        "leaving restores: {hover}"
+    );
+
+    let sort = &report["sort"];
+    let numbers = |key: &str| -> Vec<f64> {
+        sort[key]
+            .as_array()
+            .map(|v| v.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default()
+    };
+    let (up, down) = (numbers("score_up"), numbers("score_down"));
+    let rows = report["rows"].as_u64().unwrap_or(0) as usize;
+    assert_eq!((up.len(), down.len()), (rows, rows), "{sort}");
+    assert!(up.windows(2).all(|w| w[0] <= w[1]), "{sort}");
+    assert!(down.windows(2).all(|w| w[0] >= w[1]), "{sort}");
+    let labels: Vec<&str> = sort["label_up"]
+        .as_array()
+        .map(|v| v.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    assert_eq!(labels.len(), rows, "{sort}");
+    assert!(labels.windows(2).all(|w| w[0] <= w[1]), "{sort}");
+    assert_eq!(sort["aria"], "ascending", "{sort}");
+
+    let collapse = &report["collapse"];
+    assert_eq!(
+        (
+            collapse["closed_visible"].as_bool(),
+            collapse["open_visible"].as_bool()
+        ),
+        (Some(false), Some(true)),
+        "{collapse}"
+    );
 }
 
 /// page.py on `path` of `server`: what the page showed, and where its screenshot is.
@@ -119,5 +204,6 @@ fn the_page_draws_masks_and_keypoints() {
         let drawn = report["canvas"][output].as_u64().unwrap_or(0);
         assert!(drawn > 0, "no {output} drawn: {report}");
         assert!(screenshot.exists());
+        assert_the_page_serves_the_picture(&report);
     }
 }

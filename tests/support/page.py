@@ -1,6 +1,8 @@
 """Drives detectd's page in headless Chromium (Debian's, through playwright; no browser
-download): opens /, uploads an image, runs detect with threshold 0 and the API key, and
-reports what the page shows as JSON. Usage: page.py URL IMAGE SCREENSHOT API_KEY"""
+download) at 1280x800: opens /, uploads an image, runs detect with threshold 0 and the API key,
+and reports what the page shows as JSON: the table, the canvas, the drawn image's width against
+the page's, and what hovering, sorting and collapsing do. The screenshot is the 1280x800
+viewport after the answer. Usage: page.py URL IMAGE SCREENSHOT API_KEY"""
 import json
 import shutil
 import sys
@@ -29,13 +31,84 @@ async ([x, y]) => {
 }
 """
 
+# How wide the drawn image is on the page.
+LAYOUT = """
+() => ({
+  drawn: document.getElementById("canvas").getBoundingClientRect().width,
+  page: document.documentElement.clientWidth,
+})
+"""
+
+# Which detection the canvas highlights, which rows are marked, and a checksum of the pixels.
+HOT = """
+() => {
+  const canvas = document.getElementById("canvas");
+  const a = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  let sum = 0;
+  for (let i = 0; i < a.length; i += 4) sum = (sum * 31 + a[i] + a[i + 1] + a[i + 2]) % 1000000007;
+  const rows = [...document.querySelectorAll("#results tbody tr.hot")].map((r) => Number(r.dataset.index));
+  return { canvas: Number(canvas.dataset.hot), rows, pixels: sum };
+}
+"""
+
+
+def hover(page, box):
+    """Hovers the first row, then the first box's centre on the canvas, then leaves."""
+    before = page.evaluate(HOT)
+    first = page.locator("#results tbody tr").nth(0)
+    first.hover()
+    row = {"index": int(first.get_attribute("data-index")), **page.evaluate(HOT)}
+    page.mouse.move(0, 0)
+    x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    # The image's point (x, y) scrolled to the viewport's middle, in viewport coordinates.
+    client = page.evaluate("""([x, y]) => {
+      const c = document.getElementById("canvas");
+      let r = c.getBoundingClientRect();
+      window.scrollBy(0, r.top + y * r.height / c.height - window.innerHeight / 2);
+      r = c.getBoundingClientRect();
+      return [r.left + x * r.width / c.width, r.top + y * r.height / c.height];
+    }""", [x, y])
+    page.mouse.move(client[0], client[1])
+    canvas = page.evaluate(HOT)
+    hot_box = None
+    if canvas["rows"]:
+        cells = page.locator(f"#results tbody tr[data-index='{canvas['rows'][0]}'] td").nth(4)
+        hot_box = [float(v) for v in cells.text_content().split(",")]
+    page.mouse.move(0, 0)
+    after = page.evaluate(HOT)
+    return {"before": before, "row": row, "canvas": {**canvas, "point": [x, y], "box": hot_box}, "after": after}
+
+
+def column(page, n):
+    return [c.text_content() for c in page.locator(f"#results tbody tr td:nth-child({n})").all()]
+
+
+def sort(page):
+    """Clicks the score header twice and the label header once; the columns after each."""
+    page.click("th[data-key=score]")
+    up = [float(v) for v in column(page, 4)]
+    page.click("th[data-key=score]")
+    down = [float(v) for v in column(page, 4)]
+    page.click("th[data-key=label]")
+    labels = [v.strip() for v in column(page, 2)]
+    return {"score_up": up, "score_down": down, "label_up": labels,
+            "aria": page.get_attribute("th[data-key=label]", "aria-sort")}
+
+
+def collapse(page):
+    """Clicks the table's summary twice: whether the table shows after each."""
+    page.click("#table summary")
+    closed = page.is_visible("#results")
+    page.click("#table summary")
+    return {"closed_visible": closed, "open_visible": page.is_visible("#results")}
+
 
 def main():
     url, image, screenshot, key = sys.argv[1:5]
     with sync_playwright() as p:
         chromium = shutil.which("chromium") or "/usr/bin/chromium"
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.goto(url)
         page.set_input_files("#file", image)
         page.select_option("#mode", "detect")
@@ -59,7 +132,13 @@ def main():
             report["canvas"] = page.evaluate(CANVAS_CHECK, [round(box[0]) + 1, round((box[1] + box[3]) / 2)])
             report["canvas"]["masks"] = int(page.get_attribute("#canvas", "data-masks") or 0)
             report["canvas"]["keypoints"] = int(page.get_attribute("#canvas", "data-keypoints") or 0)
-        page.screenshot(path=screenshot, full_page=True)
+            report["layout"] = page.evaluate(LAYOUT)
+            page.screenshot(path=screenshot)
+            report["hover"] = hover(page, box)
+            report["sort"] = sort(page)
+            report["collapse"] = collapse(page)
+        else:
+            page.screenshot(path=screenshot)
         browser.close()
     print(json.dumps(report))
 
