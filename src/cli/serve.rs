@@ -39,7 +39,8 @@ pub struct ServeArgs {
     /// Address for the gRPC API (detectd.v1.Detector, health, reflection); none: no gRPC.
     #[arg(long, env = "DETECTD_GRPC_ADDR")]
     pub grpc_addr: Option<SocketAddr>,
-    /// Faster R-CNN checkpoint file or published name: the model named `detector`.
+    /// Detector checkpoint file or published name (Faster, Mask or Keypoint R-CNN, read from
+    /// the checkpoint): the model named `detector`.
     #[arg(long, env = "DETECTD_DETECTOR_WEIGHTS")]
     pub detector_weights: Option<String>,
     /// ResNet-50 checkpoint file or published name: the model named `classifier`.
@@ -80,6 +81,8 @@ pub struct ServeArgs {
     /// eps of v1's FrozenBatchNorm (default 0.0, as torchvision's COCO weights run).
     #[arg(long, env = "DETECTD_FROZEN_BN_EPS")]
     pub frozen_bn_eps: Option<f64>,
+    /// Where the models run: auto (CUDA when a GPU and libtorch_cuda are there, else the CPU),
+    /// cpu or cuda.
     #[arg(long, env = "DETECTD_DEVICE", value_parser = super::named::<DeviceChoice>(), default_value = "auto")]
     pub device: DeviceChoice,
     /// Numeric precision. auto (the default) measures fp32-fast, bf16 (and fp16 on CUDA)
@@ -143,6 +146,7 @@ pub struct ServeArgs {
     /// Origins allowed by CORS (repeat, or * for any); none: no CORS headers.
     #[arg(long, env = "DETECTD_CORS_ORIGIN", value_delimiter = ',')]
     pub cors_origin: Vec<String>,
+    /// Log lines as text, or as JSON objects (one per line) for a log collector.
     #[arg(long, env = "DETECTD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
     /// After SIGTERM, how long in-flight and queued requests may take before exit.
