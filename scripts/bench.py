@@ -48,6 +48,26 @@ def weights():
     return det, cls
 
 
+def cpu_field(name):
+    info = open("/proc/cpuinfo").read()
+    return (re.search(rf"^{name}\s*:\s*(.*)$", info, re.M) or [None, "?"])[1]
+
+
+def cpu_has_bf16():
+    """bf16 in hardware (AVX512-BF16 or AMX): elsewhere a bf16 setting is emulated or ignored."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_field("flags").split()))
+
+
+def machine(threads):
+    """The sentence every table starts with: date, CPU, the flags that matter, threads, versions."""
+    flags = set(cpu_field("flags").split())
+    wanted = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+              if f in flags]
+    return (f"Measured {time.strftime('%Y-%m-%d')} on {cpu_field('model name')} (family {cpu_field('cpu family')}, "
+            f"model {cpu_field('model')}; flags: {' '.join(wanted) or 'no AVX-512'}), {os.cpu_count()} cores, "
+            f"{threads} threads, torch {torch.__version__}, torchvision {torchvision.__version__}.")
+
+
 def time_calls(fn, iters):
     fn()
     times = []
@@ -210,6 +230,154 @@ def instance_table(threads, iters, precisions):
         print(f"| {label} | {pr} | {tv:.3f} s | {sec:.3f} s ({tv / sec:.2f}×) | {out['detections']} | {out['peak_rss_mb']} MB |")
 
 
+# --- peers: what a user would run instead of detectd on a CPU (issue #23) ---
+
+PEER_SIZE = (800, 1216)
+
+
+class Boxes(torch.nn.Module):
+    """torchvision's detector on one image, answering plain tensors (boxes, labels, scores):
+    the form converters take (a list of dicts cannot be traced)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        d = self.model([x])[0]
+        return d["boxes"], d["labels"], d["scores"]
+
+
+def png_tensors(paths):
+    """PNG files as torchvision's input: float CHW in 0..1."""
+    return [torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1).float() / 255
+            for p in paths]
+
+
+def matched(ref, ours, min_score=0.3, min_iou=0.9):
+    """torchvision's detections scoring >= min_score that `ours` reproduces (same label, IoU >=
+    min_iou, each used once), as detectd compare counts them: (matched, total)."""
+    from torchvision.ops import box_iou
+    keep = ref[2] >= min_score
+    rb, rl = ref[0][keep], ref[1][keep]
+    ob, ol = torch.as_tensor(ours[0]).float(), torch.as_tensor(ours[1]).long()
+    if len(rb) == 0 or len(ob) == 0:
+        return 0, len(rb)
+    iou = box_iou(rb, ob)
+    used, hits = set(), 0
+    for i in range(len(rb)):
+        for j in torch.argsort(iou[i], descending=True).tolist():
+            if iou[i, j] < min_iou:
+                break
+            if j not in used and ol[j] == rl[i]:
+                used.add(j)
+                hits += 1
+                break
+    return hits, len(rb)
+
+
+def peers_table(det, threads, iters, precisions):
+    """One 800x1216 image, batch 1: torchvision eager fp32, OpenVINO (f32, bf16 where the CPU
+    has bf16, int8 by NNCF's post-training quantization on 10 calibration images), ONNX Runtime
+    fp32 and detectd at each precision; seconds per image, the ratio to torchvision, and each
+    one's agreement with torchvision fp32 on 4 images (detections scoring >= 0.3 reproduced:
+    same label, IoU >= 0.9) with the best score it gives on the first."""
+    import nncf
+    import onnxruntime as ort
+    import openvino as ov
+    from tvref import build_detector  # noqa: E402 (tests/support on sys.path)
+    torch.set_num_threads(threads)
+    model = build_detector("v1").eval()
+    model.load_state_dict(torch.load(det))
+    wrapped = Boxes(model).eval()
+    paths = write_images(4, PEER_SIZE, 11)
+    inputs = png_tensors(paths)
+    calibration = png_tensors(write_images(10, PEER_SIZE, 12))
+    with torch.inference_mode():
+        refs = [wrapped(x) for x in inputs]
+        tv = time_calls(lambda: wrapped(inputs[0]), iters)
+    rows = [("torchvision eager fp32 (the reference)", tv, None, refs, float(refs[0][2][0]))]
+
+    def judge(name, make):
+        """Times and judges the peer `make()` builds (conversion and calibration not timed)."""
+        try:
+            judged(name, make())
+        except Exception as e:  # a peer that fails is a row that says so, not a lost table
+            rows.append((f"{name}: failed ({type(e).__name__}: {str(e)[:120]})", float("nan"), (0, 0), None, 0.0))
+            print(f"# {name} failed: {e}", file=sys.stderr)
+
+    def judged(name, run):
+        outs = [run(x) for x in inputs]
+        hits = [matched(r, o) for r, o in zip(refs, outs)]
+        agree = (sum(h for h, _ in hits), sum(t for _, t in hits))
+        seconds = time_calls(lambda: run(inputs[0]), iters)
+        best = float(np.max(outs[0][2])) if len(outs[0][2]) else 0.0
+        rows.append((name, seconds, agree, None, best))
+        print(f"# {name}: {seconds:.3f}s, agreement {agree[0]}/{agree[1]}, best score {best:.3f}", file=sys.stderr)
+
+    core = ov.Core()
+    started = time.perf_counter()
+    converted = ov.convert_model(wrapped, example_input=(inputs[0],))
+    print(f"# OpenVINO convert_model: {time.perf_counter() - started:.0f}s", file=sys.stderr)
+    # Saved and read back, as a user's served model is: NNCF 3.4 fails on the model as
+    # convert_model returns it ("Could not find a node aten::unsqueeze/Unsqueeze").
+    ov_path = os.path.join(OUT, "det_v1_calibrated.xml")
+    ov.save_model(converted, ov_path, compress_to_fp16=False)
+    converted = core.read_model(ov_path)
+
+    def openvino(m, hint):
+        compiled = core.compile_model(m, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint})
+        return lambda x: [v for v in compiled([x.numpy()]).values()]
+
+    judge("OpenVINO, f32 hint", lambda: openvino(converted, "f32"))
+    if cpu_has_bf16():
+        judge("OpenVINO, bf16 hint", lambda: openvino(converted, "bf16"))
+    def int8():
+        started = time.perf_counter()
+        dataset = nncf.Dataset(calibration, lambda x: [x.numpy()])
+        quantized = nncf.quantize(converted, dataset, subset_size=len(calibration))
+        print(f"# NNCF quantize: {time.perf_counter() - started:.0f}s", file=sys.stderr)
+        return openvino(quantized, "f32")
+
+    judge("OpenVINO int8 (NNCF, 10 calibration images)", int8)
+
+    def onnxruntime():
+        onnx_path = os.path.join(OUT, "det_v1_calibrated.onnx")
+        torch.onnx.export(wrapped, (inputs[0],), onnx_path, opset_version=17, dynamo=False)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x.numpy()})
+
+    judge("ONNX Runtime fp32", onnxruntime)
+
+    for pr in precisions:
+        out = json.loads(sh(BIN, "bench", "--model", "detector", "--weights", det, "--size", f"{PEER_SIZE[0]}x{PEER_SIZE[1]}",
+                            "--iters", str(iters), "--threads", str(threads), "--precision", pr, "--device", "cpu"))
+        lines = sh(BIN, "detect", "--weights", det, "--precision", pr, "--device", "cpu", "--threads", str(threads),
+                   "--score-threshold", "0.05", *paths).splitlines()
+        answers = [json.loads(line)["detections"] for line in lines]
+        outs = [([d["box"] for d in a], [d["label_id"] for d in a], [d["score"] for d in a]) for a in answers]
+        hits = [matched(r, o) for r, o in zip(refs, outs)]
+        agree = (sum(h for h, _ in hits), sum(t for _, t in hits))
+        best = max(outs[0][2], default=0.0)
+        label = f"detectd {pr}" + (f" (chose {out['ran']})" if pr == "auto" else "")
+        rows.append((label, out["seconds_per_call"], agree, None, best))
+        print(f"# {label}: {out['seconds_per_call']:.3f}s, agreement {agree[0]}/{agree[1]}", file=sys.stderr)
+
+    print(f"{machine(threads)}\n")
+    print("| one 800×1216 image, seeded Faster R-CNN v1 | s/img | × torchvision eager fp32 | "
+          "torchvision's detections ≥ 0.3 reproduced (4 images) | best score, first image |")
+    print("|---|---|---|---|---|")
+    for label, seconds, agree, _, best in rows:
+        if seconds != seconds:  # failed
+            print(f"| {label} | | | | |")
+        else:
+            reproduced = f"{agree[0]}/{agree[1]}" if agree else "—"
+            print(f"| {label} | {seconds:.3f} | {tv / seconds:.2f} | {reproduced} | {best:.3f} |")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -219,8 +387,14 @@ def main():
     p.add_argument("--torchvision-only", help=argparse.SUPPRESS)
     p.add_argument("--instances", action="store_true",
                    help="only the Mask/Keypoint R-CNN table: their heads' cost against boxes alone")
+    p.add_argument("--peers", action="store_true",
+                   help="only the peers table: torchvision, OpenVINO (f32, bf16, NNCF int8), ONNX Runtime, detectd")
     a = p.parse_args()
     sys.path.insert(0, os.path.join(ROOT, "tests/support"))
+    if a.peers:
+        det, _ = weights()
+        peers_table(det, a.threads, 2 if a.quick else a.iters, a.precisions.split(","))
+        return
     if a.instances:
         os.makedirs(OUT, exist_ok=True)
         instance_table(a.threads, 2 if a.quick else a.iters, [x for x in a.precisions.split(",") if x != "auto"])
@@ -251,13 +425,7 @@ def main():
     duration = {"detector": 90 if a.quick else 240, "classifier": 10 if a.quick else 20}
     load, rss = load_test(det, cls, best, a.threads, duration, connections=8)
 
-    info = open("/proc/cpuinfo").read()
-    field = lambda name: (re.search(rf"^{name}\s*:\s*(.*)$", info, re.M) or [None, "?"])[1]  # noqa: E731
-    flags = set(field("flags").split())
-    wanted = [f for f in ("avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16") if f in flags]
-    print(f"Measured {time.strftime('%Y-%m-%d')} on {field('model name')} (family {field('cpu family')}, model {field('model')}; "
-          f"flags: {' '.join(wanted) or 'no AVX-512'}), {os.cpu_count()} cores, {a.threads} threads, "
-          f"torch {torch.__version__}, torchvision {torchvision.__version__}.\n")
+    print(f"{machine(a.threads)}\n")
     print("| workload | torchvision eager fp32 | " + " | ".join(f"detectd {pr}" for pr in precisions)
           + " | torchvision, malloc as detectd |")
     print("|---|---|" + "---|" * (len(precisions) + 1))
