@@ -296,14 +296,14 @@ def peers_table(det, threads, iters, precisions):
     with torch.inference_mode():
         refs = [wrapped(x) for x in inputs]
         tv = time_calls(lambda: wrapped(inputs[0]), iters)
-    rows = [("torchvision eager fp32 (the reference)", tv, None, refs, float(refs[0][2][0]))]
+    rows = [("torchvision eager fp32 (the reference)", tv, None, float(refs[0][2][0]))]
 
     def judge(name, make):
         """Times and judges the peer `make()` builds (conversion and calibration not timed)."""
         try:
             judged(name, make())
         except Exception as e:  # a peer that fails is a row that says so, not a lost table
-            rows.append((f"{name}: failed ({type(e).__name__}: {str(e)[:120]})", float("nan"), (0, 0), None, 0.0))
+            rows.append((f"{name}: failed ({type(e).__name__}: {str(e)[:120]})", float("nan"), None, 0.0))
             print(f"# {name} failed: {e}", file=sys.stderr)
 
     def judged(name, run):
@@ -312,7 +312,7 @@ def peers_table(det, threads, iters, precisions):
         agree = (sum(h for h, _ in hits), sum(t for _, t in hits))
         seconds = time_calls(lambda: run(inputs[0]), iters)
         best = float(np.max(outs[0][2])) if len(outs[0][2]) else 0.0
-        rows.append((name, seconds, agree, None, best))
+        rows.append((name, seconds, agree, best))
         print(f"# {name}: {seconds:.3f}s, agreement {agree[0]}/{agree[1]}, best score {best:.3f}", file=sys.stderr)
 
     core = ov.Core()
@@ -363,14 +363,14 @@ def peers_table(det, threads, iters, precisions):
         agree = (sum(h for h, _ in hits), sum(t for _, t in hits))
         best = max(outs[0][2], default=0.0)
         label = f"detectd {pr}" + (f" (chose {out['ran']})" if pr == "auto" else "")
-        rows.append((label, out["seconds_per_call"], agree, None, best))
+        rows.append((label, out["seconds_per_call"], agree, best))
         print(f"# {label}: {out['seconds_per_call']:.3f}s, agreement {agree[0]}/{agree[1]}", file=sys.stderr)
 
     print(f"{machine(threads)}\n")
     print("| one 800×1216 image, seeded Faster R-CNN v1 | s/img | × torchvision eager fp32 | "
           "torchvision's detections ≥ 0.3 reproduced (4 images) | best score, first image |")
     print("|---|---|---|---|---|")
-    for label, seconds, agree, _, best in rows:
+    for label, seconds, agree, best in rows:
         if seconds != seconds:  # failed
             print(f"| {label} | | | | |")
         else:

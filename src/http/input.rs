@@ -1,7 +1,7 @@
 //! Reading a request's images and parameters: a raw image body, multipart file parts, or JSON
 //! with base64 images; parameters from the query string, JSON fields or multipart text fields.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use std::collections::BTreeMap;
@@ -93,13 +93,16 @@ impl LabelList {
 pub trait Params: DeserializeOwned + Default + Send + IntoParams {
     fn or(self, other: Self) -> Self;
 
-    /// The names the route reads: the API document's list, so the two cannot differ.
-    fn names() -> Vec<String> {
-        Self::into_params(|| None)
-            .into_iter()
-            .map(|p| p.name)
-            .collect()
-    }
+    /// The names the route reads (made once: every request checks against them).
+    fn names() -> &'static [String];
+}
+
+/// The API document's list of `P`'s names, so the check and the document cannot differ.
+fn document_names<P: IntoParams>() -> Vec<String> {
+    P::into_params(|| None)
+        .into_iter()
+        .map(|p| p.name)
+        .collect()
 }
 
 /// The names a JSON body holds besides the parameters.
@@ -149,13 +152,18 @@ fn query_params<P: Params>(uri: &Uri) -> Result<P, ApiError> {
     let pairs = Query::<Vec<(String, String)>>::try_from_uri(uri).map_err(invalid)?;
     known_only(
         pairs.0.iter().map(|(name, _)| name.as_str()),
-        &P::names(),
+        P::names(),
         "query parameter",
     )?;
     Query::<P>::try_from_uri(uri).map(|q| q.0).map_err(invalid)
 }
 
 impl Params for DetectParams {
+    fn names() -> &'static [String] {
+        static NAMES: OnceLock<Vec<String>> = OnceLock::new();
+        NAMES.get_or_init(document_names::<Self>)
+    }
+
     fn or(self, other: Self) -> Self {
         Self {
             model: self.model.or(other.model),
@@ -170,6 +178,11 @@ impl Params for DetectParams {
 }
 
 impl Params for ClassifyParams {
+    fn names() -> &'static [String] {
+        static NAMES: OnceLock<Vec<String>> = OnceLock::new();
+        NAMES.get_or_init(document_names::<Self>)
+    }
+
     fn or(self, other: Self) -> Self {
         Self {
             model: self.model.or(other.model),
@@ -440,7 +453,7 @@ async fn read_multipart<P: Params>(
             fields.insert(name, value);
         }
     }
-    known_only(fields.keys().map(String::as_str), &P::names(), "field")?;
+    known_only(fields.keys().map(String::as_str), P::names(), "field")?;
     let params = serde_json::from_value(serde_json::Value::Object(fields))
         .map_err(|e| ApiError::InvalidParameter(format!("invalid parameter: {e}")))?;
     Ok((images, params))
@@ -454,11 +467,15 @@ fn read_json<P: Params>(bytes: &[u8], max_images: usize) -> Result<(Vec<Bytes>, 
             ApiError::BadRequest(format!("invalid JSON: {e}"))
         }
     })?;
-    let known: Vec<String> = P::names()
-        .into_iter()
-        .chain(IMAGE_FIELDS.map(str::to_owned))
-        .collect();
-    known_only(body.unknown.keys().map(String::as_str), &known, "field")?;
+    // Only names neither the image fields nor the parameters took are left in `unknown`.
+    if !body.unknown.is_empty() {
+        let known: Vec<String> = P::names()
+            .iter()
+            .cloned()
+            .chain(IMAGE_FIELDS.map(str::to_owned))
+            .collect();
+        known_only(body.unknown.keys().map(String::as_str), &known, "field")?;
+    }
     let encoded: Vec<String> = body
         .image
         .into_iter()
