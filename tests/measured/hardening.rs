@@ -633,50 +633,67 @@ fn an_overloaded_model_refuses_at_admission_with_retry_after() {
     );
 }
 
-/// Images each model answered over `seconds` with `clients` closed-loop clients per model
-/// (a model with no clients is left idle).
+/// Images per second each model answered with `clients` closed-loop clients per model, over a
+/// window of `seconds` (a model with no clients is left idle).
+///
+/// Counted from answer to answer, not over the window: the images answered after a model's
+/// first answer in the window, over the time from it to its last. A count over the whole window
+/// is off by up to a whole run at each end, and a detector run is seconds long: with a few runs
+/// per window, that alone moved a model's share by 20% (a CI run failed on it).
 fn saturate(server: &Server, clients: &[(&str, usize)], seconds: u64) -> Vec<f64> {
     let image = png_of(640, 480);
-    let count = |model: &str| {
-        metric(
-            server,
-            &format!("detectd_images_total{{model=\"{model}\",version=\"1\"}} "),
-        )
-    };
-    let before: Vec<f64> = clients.iter().map(|(m, _)| count(m)).collect();
     let until = Instant::now() + Duration::from_secs(seconds);
-    let threads: Vec<_> = clients
+    let threads: Vec<Vec<_>> = clients
         .iter()
-        .flat_map(|&(model, n)| {
+        .map(|&(model, n)| {
             let url = server.url(&format!("/v1/models/{model}/{}", task_path(model)));
-            let image = image.clone();
-            (0..n).map(move |_| {
-                let (url, image) = (url.clone(), image.clone());
-                std::thread::spawn(move || {
-                    while Instant::now() < until {
-                        let r = client()
-                            .post(&url)
-                            .header("content-type", "image/png")
-                            .body(image.clone())
-                            .send()
-                            .expect("POST");
-                        assert_eq!(r.status(), 200, "{url}");
-                    }
+            (0..n)
+                .map(|_| {
+                    let (url, image) = (url.clone(), image.clone());
+                    std::thread::spawn(move || {
+                        let mut answered = Vec::new();
+                        loop {
+                            let r = client()
+                                .post(&url)
+                                .header("content-type", "image/png")
+                                .body(image.clone())
+                                .send()
+                                .expect("POST");
+                            assert_eq!(r.status(), 200, "{url}");
+                            let at = Instant::now();
+                            if at >= until {
+                                return answered;
+                            }
+                            answered.push(at);
+                        }
+                    })
                 })
-            })
+                .collect()
         })
         .collect();
-    // Counted at the window's end: runs finishing after it are not in it.
-    std::thread::sleep(until.saturating_duration_since(Instant::now()));
-    let after: Vec<f64> = clients.iter().map(|(m, _)| count(m)).collect();
-    for t in threads {
-        t.join().expect("client");
-    }
-    after
-        .iter()
-        .zip(before)
-        .map(|(a, b)| (a - b) / seconds as f64)
+    threads
+        .into_iter()
+        .zip(clients)
+        .map(|(threads, (model, _))| {
+            let mut answered: Vec<Instant> = threads
+                .into_iter()
+                .flat_map(|t| t.join().expect("client"))
+                .collect();
+            answered.sort();
+            answer_rate(&answered)
+                .unwrap_or_else(|| panic!("{model}: fewer than two runs answered in {seconds} s"))
+        })
         .collect()
+}
+
+/// Images per second from the first answer to the last: the images of the first run (the ones
+/// answered within `BATCH` of the first answer) opened the interval and are not counted in it.
+fn answer_rate(answered: &[Instant]) -> Option<f64> {
+    const BATCH: Duration = Duration::from_millis(50);
+    let (first, last) = (*answered.first()?, *answered.last()?);
+    let after = answered.iter().filter(|&&at| at > first + BATCH).count();
+    let span = last.duration_since(first).as_secs_f64();
+    (after > 0 && span > 0.0).then(|| after as f64 / span)
 }
 
 fn task_path(model: &str) -> &'static str {
@@ -690,10 +707,15 @@ fn task_path(model: &str) -> &'static str {
 #[test]
 fn two_saturated_models_share_the_cpu_by_their_weights() {
     let _cpu = alone();
-    let det = format!("det={},task=detect,weight=1", detector_weights());
+    // A small detector input and one image per run: many runs per window, each short beside
+    // the window, so a share is measured from many turns (the classifier's runs are short).
+    let det = format!(
+        "det={},task=detect,weight=1,min_size=320,max_size=480,max_batch_size=1",
+        detector_weights()
+    );
     let cls = format!("cls={},task=classify,weight=1", classifier_weights());
     let server = Server::start(&["--model", &det, "--model", &cls], true);
-    let window = 15;
+    let window = 10;
     let det_alone = saturate(&server, &[("det", 2)], window)[0];
     let cls_alone = saturate(&server, &[("cls", 4)], window)[0];
     let both = saturate(&server, &[("det", 2), ("cls", 4)], window);
@@ -710,14 +732,14 @@ fn two_saturated_models_share_the_cpu_by_their_weights() {
     // Equal weights: half the CPU time each, so about half of what each does alone; the
     // turns cost little, so the shares add up to about one.
     assert!(
-        d >= 0.35,
+        d >= 0.4,
         "the detector got {:.0}% of its rate alone",
         100.0 * d
     );
     assert!(
-        c >= 0.35,
+        c >= 0.4,
         "the classifier got {:.0}% of its rate alone",
         100.0 * c
     );
-    assert!(d + c >= 0.85, "shares add up to {:.2}", d + c);
+    assert!(d + c >= 0.9, "shares add up to {:.2}", d + c);
 }
