@@ -129,7 +129,8 @@ pub struct FasterRcnn {
     /// is no faster than one image at a time and holds that many times the activations
     /// (measured at 800×1216, fp32, 2 threads: batch 4 took 17.0 s against 4 × 3.2 s), so
     /// the CPU runs images one by one (and the server's batcher hands it one job at a time);
-    /// a GPU runs whole groups. Results are the same either way (batch invariance, tested).
+    /// a GPU runs whole groups. Results are the same either way at 800×1088 (tested), not
+    /// bitwise at every size (see the README's *Exactness*).
     pub images_per_forward: usize,
     pub params: DetectorParams,
     body: ResNetBody,

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{mpsc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -157,7 +157,10 @@ impl Worker {
 /// Runs tvref.py with `args` in the shared process; returns what the command printed.
 pub fn tvref_run(args: &[String]) -> String {
     let mut worker = WORKER.lock().unwrap_or_else(|e| e.into_inner());
-    let answer = match worker.get_or_insert_with(Worker::start).call(args) {
+    let started = Instant::now();
+    let called = worker.get_or_insert_with(Worker::start).call(args);
+    log_call(args, started.elapsed());
+    let answer = match called {
         Ok(answer) => answer,
         Err(broken) => {
             *worker = None;
@@ -171,6 +174,18 @@ pub fn tvref_run(args: &[String]) -> String {
             answer["error"].as_str().unwrap_or("(no error text)")
         ),
     }
+}
+
+/// Where the suite's time goes: each reference's seconds, appended to `target/tvref/calls.log`
+/// (what the suite spends in torchvision, beside what it spends in detectd).
+fn log_call(args: &[String], took: Duration) {
+    let line = format!("{:.2}\t{}\n", took.as_secs_f64(), args.join(" "));
+    let log = root().join("target/tvref/calls.log");
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
 }
 
 /// Runs tvref.py with `args` unless its output exists already: a cache shared by every test,
@@ -389,8 +404,14 @@ pub fn instance_weights(arch: &str) -> PathBuf {
     )
 }
 
-/// torchvision's outputs for `instance_weights(arch)` on `images`, cached as `ref_{tag}`.
-pub fn instance_reference(arch: &str, tag: &str, images: &[PathBuf]) -> HashMap<String, Tensor> {
+/// torchvision's outputs for `instance_weights(arch)` on `images`, cached as `ref_{tag}`;
+/// `knobs` are tvref.py's constructor arguments (`--min-size 320`...).
+pub fn instance_reference(
+    arch: &str,
+    tag: &str,
+    knobs: &[&str],
+    images: &[PathBuf],
+) -> HashMap<String, Tensor> {
     let out = data_dir().join(format!("ref_{tag}.safetensors"));
     let weights = path_str(&instance_weights(arch));
     let mut args = vec![
@@ -404,6 +425,7 @@ pub fn instance_reference(arch: &str, tag: &str, images: &[PathBuf]) -> HashMap<
         "--out",
         "{out}",
     ];
+    args.extend(knobs);
     let paths: Vec<String> = images.iter().map(|p| path_str(p)).collect();
     args.extend(paths.iter().map(String::as_str));
     read_tensors(&tvref(&out, &args))

@@ -94,7 +94,12 @@ fn masks_and_keypoints_are_served_as_torchvision_makes_them() {
         .as_array()
         .expect("detections")
         .clone();
-    let refs = instance_reference("mask-v2", "serve_mask-v2", std::slice::from_ref(&image));
+    let refs = instance_reference(
+        "mask-v2",
+        "serve_mask-v2",
+        &[],
+        std::slice::from_ref(&image),
+    );
     check_boxes("masks", &dets, &refs);
     assert_eq!(dets[0]["mask"]["size"], serde_json::json!([480, 640]));
     let answer_file = data_dir().join("serve_masks_answer.json");
@@ -164,7 +169,12 @@ fn masks_and_keypoints_are_served_as_torchvision_makes_them() {
         .as_array()
         .expect("detections")
         .clone();
-    let kp_refs = instance_reference("keypoint", "serve_keypoint", std::slice::from_ref(&image));
+    let kp_refs = instance_reference(
+        "keypoint",
+        "serve_keypoint",
+        &[],
+        std::slice::from_ref(&image),
+    );
     check_boxes("keypoints", &kp_dets, &kp_refs);
     let theirs: Vec<f32> = kp_refs["0.keypoints"]
         .reshape([-1])

@@ -250,7 +250,10 @@ fn iou(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn compare_prints_what_torchvision_fp32_against_detectd_bf16_gives() {
     let weights = calibrated_weights("v1");
-    let imgs = images(&AGREEMENT_IMAGES);
+    // The first agreement image only: the figures are checked, not the agreement (held by
+    // `precision.rs` on all of them), and bf16 is emulated where the CPU has no bf16 (~25 s an
+    // image on a Zen 3).
+    let imgs = images(&AGREEMENT_IMAGES[..1]);
     // The same setting agrees with itself entirely.
     let same = compare(&weights, "fp32", &imgs);
     assert_eq!(same["share"], 1.0, "{same}");
@@ -274,7 +277,7 @@ fn compare_prints_what_torchvision_fp32_against_detectd_bf16_gives() {
         .concat(),
     ));
     // detectd's bf16 detections on those images, as the agreement test ran them.
-    let bf16 = bf16_detections();
+    let bf16 = &bf16_detections()[..1];
     let (mut matched, mut total, mut box_drift, mut score_drift) = (0, 0, 0f32, 0f32);
     for (i, ours) in bf16.iter().enumerate() {
         let boxes = Vec::<f32>::try_from(reference[&format!("{i}.boxes")].reshape([-1])).unwrap();
