@@ -65,6 +65,17 @@ fn bad_input_is_refused_clearly() {
         decode(&png, 100),
         Err(ImageError::TooLarge { pixels: 2400, .. })
     ));
+    // Formats image knows but detectd does not read (only the six of the README are built
+    // in): refused by name, not decoded.
+    let pnm = [b"P6\n2 2\n255\n".as_slice(), &[7u8; 12]].concat();
+    let qoi = [b"qoif".as_slice(), &[0, 0, 0, 2, 0, 0, 0, 2, 3, 0], &[0; 8]].concat();
+    for (name, bytes) in [("PNM", pnm), ("QOI", qoi)] {
+        match decode(&bytes, 1 << 30) {
+            Err(ImageError::Format) => {}
+            Err(ImageError::Decode(e)) if e.contains("not supported") => {}
+            other => panic!("{name}: {:?}", other.map(|i| (i.width, i.height))),
+        }
+    }
     let jpeg = std::fs::read(make_formats().join("rotated.jpg")).expect("read jpeg");
     assert!(decode(&jpeg, 1 << 30).is_ok());
     let truncated = &jpeg[..jpeg.len() * 2 / 3];
