@@ -20,11 +20,9 @@ log() { echo "base-images: $*"; }
 have() { "$DOCKER" image inspect "$1" >/dev/null 2>&1 || "$DOCKER" pull -q "$1" >/dev/null 2>&1; }
 
 make_slim() {
-  command -v debootstrap >/dev/null || (
-    # One apt at a time (scripts/setup and image-test.sh take the same lock).
-    flock 9
+  command -v debootstrap >/dev/null || {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
-  ) 9>"${TMPDIR:-/tmp}/detectd-apt.lock"
+  }
   local rootfs=$WORK/rootfs
   rm -rf "$rootfs"
   log "$SLIM: debootstrap bookworm (minbase) from $MIRROR"

@@ -73,13 +73,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# IMAGE_TEST_AFTER=FILE (scripts/test): build the image at once, and wait for FILE before what
-# needs the native binary and .venv's torchvision, which are built and installed meanwhile: the
-# two builds share the CPU, each using the moments the other leaves it idle (downloads, the
-# long stretches in which cargo compiles one crate, unpacking torch, exporting layers). FILE
-# holds `ok`, or what failed.
-AFTER=${IMAGE_TEST_AFTER:-}
-[ -n "$AFTER" ] || [ -x "$BIN" ] || die "no detectd binary at $BIN (cargo build --release, or set DETECTD_BIN)"
+[ -x "$BIN" ] || die "no detectd binary at $BIN (cargo build --release, or set DETECTD_BIN)"
 [ -x "$PY" ] || die "no $PY (run scripts/setup)"
 # sudo's secure_path would drop ~/.cargo/bin (cargo vendor, rustc).
 [ "$(id -u)" = 0 ] || exec sudo -E env "PATH=$PATH" "$0" "$@"
@@ -105,9 +99,6 @@ log "$free GB free under $WORK (needs about $NEED_GB)"
 
 # --- the engine ---------------------------------------------------------------------------
 install_debs() {
-  # One apt at a time (scripts/setup takes the same lock; scripts/test runs both at once).
-  exec 8>"${TMPDIR:-/tmp}/detectd-apt.lock"
-  flock 8
   log "installing $* from Debian's packages"
   # Keep the engine's service from starting on its own: this script starts its own instance.
   if [ ! -e /usr/sbin/policy-rc.d ]; then
@@ -116,7 +107,6 @@ install_debs() {
   fi
   apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-  flock -u 8
 }
 if "$DOCKER" info >/dev/null 2>&1; then
   log "using the running engine ($("$DOCKER" version -f '{{.Server.Version}}'))"
@@ -168,18 +158,6 @@ log "$(free_gb) GB free under $WORK after the build"
 size=$("$DOCKER" image inspect -f '{{.Size}}' "$TAG")
 log "image $TAG: $((size / 1000000)) MB; prepared in ${prepare_s} s, built with --network none in ${build_s} s"
 [ "$size" -le "$MAX_IMAGE_BYTES" ] || die "image is $size bytes, over $MAX_IMAGE_BYTES"
-
-# --- what the checks need: the native binary, .venv's torchvision --------------------------
-if [ -n "$AFTER" ]; then
-  t0=$SECONDS
-  until [ -s "$AFTER" ]; do
-    [ $((SECONDS - t0)) -lt 5400 ] || die "no word in $AFTER after 90 minutes"
-    sleep 2
-  done
-  [ "$(cat "$AFTER")" = ok ] || die "not checked: $(cat "$AFTER")"
-  log "waited $((SECONDS - t0)) s after the build for the native binary and the test setup"
-  [ -x "$BIN" ] || die "no detectd binary at $BIN"
-fi
 
 # --- seeded weights and a test image (cached) ---------------------------------------------
 cd "$ROOT"
