@@ -650,23 +650,7 @@ fn saturate(server: &Server, clients: &[(&str, usize)], seconds: u64) -> Vec<f64
             (0..n)
                 .map(|_| {
                     let (url, image) = (url.clone(), image.clone());
-                    std::thread::spawn(move || {
-                        let mut answered = Vec::new();
-                        loop {
-                            let r = client()
-                                .post(&url)
-                                .header("content-type", "image/png")
-                                .body(image.clone())
-                                .send()
-                                .expect("POST");
-                            assert_eq!(r.status(), 200, "{url}");
-                            let at = Instant::now();
-                            if at >= until {
-                                return answered;
-                            }
-                            answered.push(at);
-                        }
-                    })
+                    std::thread::spawn(move || closed_loop(&url, &image, until))
                 })
                 .collect()
         })
@@ -684,6 +668,26 @@ fn saturate(server: &Server, clients: &[(&str, usize)], seconds: u64) -> Vec<f64
                 .unwrap_or_else(|| panic!("{model}: fewer than two runs answered in {seconds} s"))
         })
         .collect()
+}
+
+/// One client posting `image` to `url` again as soon as it is answered; when each answer came,
+/// until `until`.
+fn closed_loop(url: &str, image: &[u8], until: Instant) -> Vec<Instant> {
+    let mut answered = Vec::new();
+    loop {
+        let r = client()
+            .post(url)
+            .header("content-type", "image/png")
+            .body(image.to_vec())
+            .send()
+            .expect("POST");
+        assert_eq!(r.status(), 200, "{url}");
+        let at = Instant::now();
+        if at >= until {
+            return answered;
+        }
+        answered.push(at);
+    }
 }
 
 /// Images per second from the first answer to the last: the images of the first run (the ones
