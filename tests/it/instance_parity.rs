@@ -28,6 +28,12 @@ const IMAGES: [&str; 4] = [
 const SIZES: (i64, i64) = (320, 533);
 const KNOBS: [&str; 4] = ["--min-size", "320", "--max-size", "533"];
 
+/// Keypoint R-CNN's detections per image here (torchvision's default is 100). Its head (eight
+/// 512-channel 3×3 convolutions on 14×14 per detection, ~3.7 GFLOP each) is most of its time:
+/// at 100 it took ~9 s an image on each side on a 2-core Zen 3. Each detection's keypoints go
+/// through the same code; all 100, at the default resize, are held by `instance_serving.rs`.
+const KEYPOINT_DETECTIONS: i64 = 25;
+
 fn params() -> DetectorParams {
     DetectorParams {
         min_size: SIZES.0,
@@ -161,12 +167,20 @@ fn mask_v2_matches_torchvision() {
 fn keypoints_match_torchvision() {
     let arch = "keypoint";
     let images = images(&IMAGES);
-    let model = model(arch);
+    let model = model_with(
+        arch,
+        DetectorParams {
+            box_detections_per_img: KEYPOINT_DETECTIONS,
+            ..params()
+        },
+    );
     assert_eq!(
         (model.family, model.num_keypoints()),
         (Family::KeypointRcnn, Some(17))
     );
-    let refs = instance_reference(arch, &format!("det_{arch}"), &KNOBS, &images);
+    let per_image = KEYPOINT_DETECTIONS.to_string();
+    let knobs = [&KNOBS[..], &["--box-detections-per-img", &per_image]].concat();
+    let refs = instance_reference(arch, &format!("det_{arch}"), &knobs, &images);
     for (i, (dets, trace)) in run(&model, &images).into_iter().enumerate() {
         let what = format!("{arch} {}", path_str(&images[i]));
         let r = |k: &str| refs[&format!("{i}.{k}")].shallow_clone();
@@ -213,7 +227,15 @@ fn masks_and_keypoints_are_batch_invariant() {
         "the two images must share a forward pass"
     );
     for arch in ["mask-v2", "keypoint"] {
-        let mut model = model_with(arch, DetectorParams::default());
+        let per_image = match arch {
+            "keypoint" => KEYPOINT_DETECTIONS,
+            _ => DetectorParams::default().box_detections_per_img,
+        };
+        let params = DetectorParams {
+            box_detections_per_img: per_image,
+            ..DetectorParams::default()
+        };
+        let mut model = model_with(arch, params);
         model.images_per_forward = usize::MAX;
         let requests = DetectRequest::each(&prepared, 0.05);
         let batch = model.detect(&requests).expect("batch");
