@@ -19,9 +19,7 @@ use crate::model::Named;
 use crate::model::{
     resolve_precision, ArchChoice, Classifier, DetectRequest, FasterRcnn, Precision, Preset,
 };
-use crate::service::{
-    tune_classifier, tune_detector, BatchConfig, ClassifierSpec, DetectorSpec, Tuned,
-};
+use crate::service::{tune, BatchConfig, ModelKind, ModelSpec, Tuned};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum BenchModel {
@@ -172,40 +170,30 @@ fn auto(args: &BenchArgs, device: Device) -> anyhow::Result<Tuned> {
         max_batch_delay: std::time::Duration::ZERO,
         max_queue: args.batch as usize,
     };
-    let tuned = match args.model {
-        BenchModel::Detector => tune_detector(
-            DetectorSpec {
-                name: "detector".into(),
-                version: 1,
-                weights: args.weights.clone(),
+    let (name, kind) = match args.model {
+        BenchModel::Detector => (
+            "detector",
+            ModelKind::Detector {
                 arch: ArchChoice::Auto,
                 frozen_bn_eps: None,
-                labels: None,
-                device,
-                precision: Precision::Auto,
-                warmup_images: 0,
-                cache_dir: cache_dir.clone(),
-                min_agreement: MIN_AGREEMENT,
                 params: Default::default(),
             },
-            &batch,
-        )?,
-        BenchModel::Classifier => tune_classifier(
-            ClassifierSpec {
-                name: "classifier".into(),
-                version: 1,
-                weights: args.weights.clone(),
-                preset: Preset::V2,
-                labels: None,
-                device,
-                precision: Precision::Auto,
-                warmup_images: 0,
-                cache_dir: cache_dir.clone(),
-                min_agreement: MIN_AGREEMENT,
-            },
-            &batch,
-        )?,
+        ),
+        BenchModel::Classifier => ("classifier", ModelKind::Classifier { preset: Preset::V2 }),
     };
+    let spec = ModelSpec {
+        name: name.into(),
+        version: 1,
+        weights: args.weights.clone(),
+        labels: None,
+        device,
+        precision: Precision::Auto,
+        warmup_images: 0,
+        cache_dir: cache_dir.clone(),
+        min_agreement: MIN_AGREEMENT,
+        kind,
+    };
+    let tuned = tune(spec, &batch)?;
     if args.cache_dir.is_none() {
         let _ = std::fs::remove_dir_all(&cache_dir);
     }

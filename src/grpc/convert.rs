@@ -6,8 +6,9 @@ use crate::labels::{NamedDetection, NamedPrediction};
 use crate::model::Named;
 use crate::rle::MaskShape;
 use crate::service::{
-    Answer, ClassifyOptions, DetectOptions, ModelInfo, ModelState, Service, Task,
+    ClassifyOptions, DetectOptions, ModelInfo, ModelState, Results, Service, Task,
 };
+use tonic::Status;
 
 /// proto3's empty string: no model named, the default one.
 pub fn model_name(model: String) -> Option<String> {
@@ -94,9 +95,17 @@ fn prediction(p: NamedPrediction) -> pb::Prediction {
     }
 }
 
-pub fn detect_responses(answer: Answer<Vec<NamedDetection>>) -> Vec<pb::DetectResponse> {
-    answer
-        .results
+/// The service checks a model's task against the request's, so the other task's results
+/// would be a bug on this side.
+fn other_task() -> Status {
+    Status::internal("the model answered for another task")
+}
+
+pub fn detect_responses(results: Results) -> Result<Vec<pb::DetectResponse>, Status> {
+    let Results::Detections(results) = results else {
+        return Err(other_task());
+    };
+    Ok(results
         .into_iter()
         .map(|r| pb::DetectResponse {
             width: r.width,
@@ -104,12 +113,14 @@ pub fn detect_responses(answer: Answer<Vec<NamedDetection>>) -> Vec<pb::DetectRe
             detections: r.output.into_iter().map(detection).collect(),
             model: None,
         })
-        .collect()
+        .collect())
 }
 
-pub fn classify_responses(answer: Answer<Vec<NamedPrediction>>) -> Vec<pb::ClassifyResponse> {
-    answer
-        .results
+pub fn classify_responses(results: Results) -> Result<Vec<pb::ClassifyResponse>, Status> {
+    let Results::Predictions(results) = results else {
+        return Err(other_task());
+    };
+    Ok(results
         .into_iter()
         .map(|r| pb::ClassifyResponse {
             width: r.width,
@@ -117,7 +128,7 @@ pub fn classify_responses(answer: Answer<Vec<NamedPrediction>>) -> Vec<pb::Class
             predictions: r.output.into_iter().map(prediction).collect(),
             model: None,
         })
-        .collect()
+        .collect())
 }
 
 fn model(m: ModelState) -> pb::Model {
@@ -129,10 +140,7 @@ fn model(m: ModelState) -> pb::Model {
     let b = m.batching;
     let info = m.info.as_ref();
     let text = |f: fn(&ModelInfo) -> &String| info.map(f).cloned().unwrap_or_default();
-    let outputs = info
-        .filter(|_| m.task == Some(Task::Detect))
-        .map(ModelInfo::outputs);
-    let keypoints = info.and_then(|i| i.keypoints.as_ref());
+    let keypoints = m.keypoints();
     pb::Model {
         name: m.name.clone(),
         rpc: rpc.into(),
@@ -140,7 +148,7 @@ fn model(m: ModelState) -> pb::Model {
         num_classes: info.map_or(0, |i| i.num_classes as u32),
         device: text(|i| &i.device),
         precision: text(|i| &i.precision),
-        ready: m.state == crate::service::State::Ready,
+        ready: m.ready(),
         batching: Some(pb::Batching {
             max_batch_size: b.max_batch_size as u32,
             max_batch_delay_ms: b.max_batch_delay.as_millis() as u32,
@@ -148,22 +156,18 @@ fn model(m: ModelState) -> pb::Model {
         }),
         version: m.version.unwrap_or(0),
         task: m.task.map(|t| t.name().to_string()).unwrap_or_default(),
-        state: state_name(m.state).into(),
-        error: m
-            .pending
-            .as_ref()
-            .and_then(|p| p.error.clone())
-            .unwrap_or_default(),
+        state: m.state.name().into(),
+        error: m.error().unwrap_or_default().into(),
         default: m.default,
-        memory_mb: m.memory_bytes.map_or(0, |b| b >> 20),
+        memory_mb: m.memory_mib().unwrap_or(0),
         settings: m
             .settings
             .entries()
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
-        draining: m.draining,
-        outputs: outputs.unwrap_or_default(),
+        draining: m.draining.clone(),
+        outputs: m.outputs().unwrap_or_default(),
         keypoint_names: keypoints.map(|k| k.names.clone()).unwrap_or_default(),
         skeleton: keypoints
             .map(|k| {
@@ -176,16 +180,6 @@ fn model(m: ModelState) -> pb::Model {
                     .collect()
             })
             .unwrap_or_default(),
-    }
-}
-
-fn state_name(s: crate::service::State) -> &'static str {
-    use crate::service::State;
-    match s {
-        State::Loading => "loading",
-        State::Ready => "ready",
-        State::Draining => "draining",
-        State::Failed => "failed",
     }
 }
 

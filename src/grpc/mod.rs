@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use crate::service::{Service, ServiceError};
+use crate::service::{ImageInput, Key, Options, Results, Service, ServiceError};
 
 /// Code generated from proto/detectd/v1/detectd.proto (server and client).
 pub mod pb {
@@ -69,24 +69,14 @@ impl DetectorApi {
         F: FnOnce(Arc<Service>, Instant) -> Fut,
         Fut: Future<Output = Result<T, ServiceError>>,
     {
-        let started = Instant::now();
-        let _in_flight = self.service.admission.enter();
-        let deadline = self.service.deadline(started, timeout);
+        let call = self.service.call(format!("grpc:{method}"));
+        let deadline = self.service.deadline(call.started(), timeout);
         let result = f(self.service.clone(), deadline).await.map_err(status);
-        let endpoint = format!("grpc:{method}");
         let code = match &result {
             Ok(_) => "OK".to_owned(),
             Err(s) => format!("{:?}", s.code()),
         };
-        let metrics = &self.service.metrics;
-        metrics
-            .requests
-            .with_label_values(&[&endpoint, &code])
-            .inc();
-        metrics
-            .request_duration
-            .with_label_values(&[&endpoint])
-            .observe(started.elapsed().as_secs_f64());
+        call.finish(&code);
         result
     }
 }
@@ -108,6 +98,30 @@ fn client_timeout<T>(request: &Request<T>) -> Option<Duration> {
     })
 }
 
+impl DetectorApi {
+    /// One inference RPC: `images` through the model `model` names (the task's default when
+    /// empty) with `options`; the answering version and each image's results.
+    async fn infer(
+        &self,
+        method: &str,
+        timeout: Option<Duration>,
+        model: String,
+        images: Vec<ImageInput>,
+        options: Options,
+    ) -> Result<(pb::ModelVersion, Results), Status> {
+        if images.is_empty() {
+            return Err(Status::invalid_argument("the request holds no image"));
+        }
+        let model = convert::model_name(model);
+        let answer = self
+            .call(method, timeout, |s, deadline| async move {
+                s.infer(model.as_deref(), images, &options, deadline).await
+            })
+            .await?;
+        Ok((convert::version(&answer.model), answer.results))
+    }
+}
+
 #[tonic::async_trait]
 impl Detector for DetectorApi {
     async fn detect(
@@ -123,21 +137,18 @@ impl Detector for DetectorApi {
             mask_format: r.mask_format,
             mask_threshold: r.mask_threshold,
         });
-        let model = convert::model_name(r.model);
-        let answer = self
-            .call("Detect", timeout, |s, deadline| async move {
-                s.detect(model.as_deref(), vec![r.image.into()], &options, deadline)
-                    .await
-            })
+        let images = vec![r.image.into()];
+        let (version, results) = self
+            .infer("Detect", timeout, r.model, images, options.into())
             .await?;
-        let version = convert::version(&answer.model);
-        let first = convert::detect_responses(answer).into_iter().next();
-        let first = first.map(|f| pb::DetectResponse {
-            model: Some(version),
-            ..f
-        });
+        let first = convert::detect_responses(results)?.into_iter().next();
         first
-            .map(Response::new)
+            .map(|f| {
+                Response::new(pb::DetectResponse {
+                    model: Some(version),
+                    ..f
+                })
+            })
             .ok_or_else(|| Status::internal("no result for the image"))
     }
 
@@ -148,21 +159,18 @@ impl Detector for DetectorApi {
         let timeout = client_timeout(&request);
         let r = request.into_inner();
         let options = convert::classify_options(r.top_k);
-        let model = convert::model_name(r.model);
-        let answer = self
-            .call("Classify", timeout, |s, deadline| async move {
-                s.classify(model.as_deref(), vec![r.image.into()], &options, deadline)
-                    .await
-            })
+        let images = vec![r.image.into()];
+        let (version, results) = self
+            .infer("Classify", timeout, r.model, images, options.into())
             .await?;
-        let version = convert::version(&answer.model);
-        let first = convert::classify_responses(answer).into_iter().next();
-        let first = first.map(|f| pb::ClassifyResponse {
-            model: Some(version),
-            ..f
-        });
+        let first = convert::classify_responses(results)?.into_iter().next();
         first
-            .map(Response::new)
+            .map(|f| {
+                Response::new(pb::ClassifyResponse {
+                    model: Some(version),
+                    ..f
+                })
+            })
             .ok_or_else(|| Status::internal("no result for the image"))
     }
 
@@ -172,9 +180,6 @@ impl Detector for DetectorApi {
     ) -> Result<Response<pb::DetectBatchResponse>, Status> {
         let timeout = client_timeout(&request);
         let r = request.into_inner();
-        if r.images.is_empty() {
-            return Err(Status::invalid_argument("the request holds no image"));
-        }
         let options = convert::detect_options(convert::DetectFields {
             score_threshold: r.score_threshold,
             max_detections: r.max_detections,
@@ -182,15 +187,12 @@ impl Detector for DetectorApi {
             mask_format: r.mask_format,
             mask_threshold: r.mask_threshold,
         });
-        let model = convert::model_name(r.model);
         let images = r.images.into_iter().map(Into::into).collect();
-        let answer = self
-            .call("DetectBatch", timeout, |s, deadline| async move {
-                s.detect(model.as_deref(), images, &options, deadline).await
-            })
+        let (version, results) = self
+            .infer("DetectBatch", timeout, r.model, images, options.into())
             .await?;
-        let model = Some(convert::version(&answer.model));
-        let results = convert::detect_responses(answer);
+        let results = convert::detect_responses(results)?;
+        let model = Some(version);
         Ok(Response::new(pb::DetectBatchResponse { results, model }))
     }
 
@@ -200,20 +202,13 @@ impl Detector for DetectorApi {
     ) -> Result<Response<pb::ClassifyBatchResponse>, Status> {
         let timeout = client_timeout(&request);
         let r = request.into_inner();
-        if r.images.is_empty() {
-            return Err(Status::invalid_argument("the request holds no image"));
-        }
         let options = convert::classify_options(r.top_k);
-        let model = convert::model_name(r.model);
         let images = r.images.into_iter().map(Into::into).collect();
-        let answer = self
-            .call("ClassifyBatch", timeout, |s, deadline| async move {
-                s.classify(model.as_deref(), images, &options, deadline)
-                    .await
-            })
+        let (version, results) = self
+            .infer("ClassifyBatch", timeout, r.model, images, options.into())
             .await?;
-        let model = Some(convert::version(&answer.model));
-        let results = convert::classify_responses(answer);
+        let results = convert::classify_responses(results)?;
+        let model = Some(version);
         Ok(Response::new(pb::ClassifyBatchResponse { results, model }))
     }
 
@@ -226,19 +221,16 @@ impl Detector for DetectorApi {
 }
 
 /// Refuses calls without the API key (as `authorization: Bearer KEY` metadata).
-fn check_key(key: Option<String>) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
-    move |request: Request<()>| match &key {
-        None => Ok(request),
-        Some(key) => {
-            let given = request
-                .metadata()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok());
-            if crate::http::key_matches(given, key) {
-                Ok(request)
-            } else {
-                Err(Status::unauthenticated("missing or invalid API key"))
-            }
+fn check_key(key: Key) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |request: Request<()>| {
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        if key.allows(given) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated("missing or invalid API key"))
         }
     }
 }
@@ -359,8 +351,10 @@ pub async fn serve(
     let detector = DetectorServer::new(DetectorApi { service })
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    let detector =
-        tonic::service::interceptor::InterceptedService::new(detector, check_key(config.api_key));
+    let detector = tonic::service::interceptor::InterceptedService::new(
+        detector,
+        check_key(Key::new(config.api_key)),
+    );
     let incoming = capped(listener, config.max_connections);
     let result = tonic::transport::Server::builder()
         .max_concurrent_streams(config.max_concurrent_streams)

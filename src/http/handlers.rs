@@ -9,7 +9,6 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
-use serde::Serialize;
 
 use super::error::{ApiError, ModelErrors};
 use super::input::{
@@ -24,11 +23,7 @@ use crate::api::{
 use crate::labels::NamedDetection;
 use crate::model::Named;
 use crate::render;
-use crate::service::{ModelState, State as ModelLoad, Task, Timing};
-
-fn with_timing(body: impl Serialize, timing: Timing) -> Response {
-    timed(Json(body).into_response(), timing)
-}
+use crate::service::{Answer, ImageInput, ModelInfo, ModelState, Results, Task, Timing};
 
 fn timed(mut response: Response, timing: Timing) -> Response {
     let value = format!(
@@ -119,7 +114,7 @@ pub async fn detect(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    detect_with(state, None, query, headers, body).await
+    infer_with(state, None, query, headers, body).await
 }
 
 /// Detect objects with the detector of that name.
@@ -148,67 +143,84 @@ pub async fn detect_named(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    detect_with(state, Some(name), query, headers, body).await
+    infer_with(state, Some(name), query, headers, body).await
 }
 
-/// The model a request names: the path's, else `model` from the query string.
-fn model_of<P>(
-    path: Option<String>,
-    query: &QueryParams<P>,
-    model: impl Fn(&P) -> Option<&String>,
-) -> Option<String> {
-    path.or_else(|| query.0.as_ref().ok().and_then(|q| model(q).cloned()))
-}
-
-async fn detect_with(
+/// Every inference route: the model is checked before the body is read (draining, an unknown
+/// or a loading model cost no upload), the body read within its limits, the service asked,
+/// and its answer shaped as JSON or, with `render`, drawn.
+async fn infer_with<P: Params>(
     state: Arc<AppState>,
     path: Option<String>,
-    query: QueryParams<DetectParams>,
+    query: QueryParams<P>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    // Draining, an unknown or a loading model are refused before the body is read.
-    let named = model_of(path, &query, |p| p.model.as_ref());
-    state.service.pick(named.as_deref(), Task::Detect)?;
+    // The path's model, else the query string's.
+    let named = path.or_else(|| query.0.as_ref().ok().and_then(|q| q.model().cloned()));
+    state.service.pick(named.as_deref(), P::TASK)?;
     // `_held` keeps the body's share of the in-flight bytes until the answer is sent.
     let input::Read {
         images,
         mut params,
         held: _held,
     } = read_body(&state, query, &headers, body).await?;
-    let model = named.or(params.model.take());
-    let render = render_format(params.render.take().as_deref(), images.len())?;
+    let model = named.or(params.take_model());
+    let render = render_format(params.take_render().as_deref(), images.len())?;
     // Bytes clones share the buffer; kept only when the image is to be drawn.
     let source = render.and_then(|f| Some((f, images.first()?.clone())));
     let deadline = state.service.deadline(started, client_timeout(&headers)?);
-    let answer = state
-        .service
-        .detect(model.as_deref(), images, &params.into(), deadline)
-        .await?;
-    if let Some((format, image)) = source {
-        // render_format has checked there is exactly one result.
-        let Some(result) = answer.results.into_iter().next() else {
-            return Err(ApiError::Internal("no result for the image".into()));
-        };
-        let pixels = u64::from(result.width) * u64::from(result.height);
-        let response = rendered(&state, image, pixels, deadline, result.output, format).await?;
-        return Ok(timed(response, answer.timing));
-    }
-    let results = answer
-        .results
-        .into_iter()
-        .map(|r| ImageDetections {
-            width: r.width,
-            height: r.height,
-            detections: detections_json(r.output),
-        })
-        .collect();
-    let body = DetectResponse {
-        model: answer.model,
+    let images = images.into_iter().map(ImageInput::Encoded).collect();
+    let options = params.into_options();
+    let Answer {
+        model,
         results,
+        timing,
+    } = state
+        .service
+        .infer(model.as_deref(), images, &options, deadline)
+        .await?;
+    let response = match (results, source) {
+        (Results::Detections(results), Some((format, image))) => {
+            // render_format has checked there is exactly one result.
+            let Some(result) = results.into_iter().next() else {
+                return Err(ApiError::Internal("no result for the image".into()));
+            };
+            let pixels = u64::from(result.width) * u64::from(result.height);
+            rendered(&state, image, pixels, deadline, result.output, format).await?
+        }
+        (results, _) => answer_json(model, results),
     };
-    Ok(with_timing(body, answer.timing))
+    Ok(timed(response, timing))
+}
+
+/// An answer as `/detect`'s or `/classify`'s JSON.
+fn answer_json(model: ModelInfo, results: Results) -> Response {
+    match results {
+        Results::Detections(results) => {
+            let results = results
+                .into_iter()
+                .map(|r| ImageDetections {
+                    width: r.width,
+                    height: r.height,
+                    detections: detections_json(r.output),
+                })
+                .collect();
+            Json(DetectResponse { model, results }).into_response()
+        }
+        Results::Predictions(results) => {
+            let results = results
+                .into_iter()
+                .map(|r| ImagePredictions {
+                    width: r.width,
+                    height: r.height,
+                    predictions: predictions_json(r.output),
+                })
+                .collect();
+            Json(ClassifyResponse { model, results }).into_response()
+        }
+    }
 }
 
 /// Classify one image or several (ImageNet classes for the published weights).
@@ -232,7 +244,7 @@ pub async fn classify(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    classify_with(state, None, query, headers, body).await
+    infer_with(state, None, query, headers, body).await
 }
 
 /// Classify with the classifier of that name.
@@ -257,44 +269,7 @@ pub async fn classify_named(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    classify_with(state, Some(name), query, headers, body).await
-}
-
-async fn classify_with(
-    state: Arc<AppState>,
-    path: Option<String>,
-    query: QueryParams<ClassifyParams>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    let named = model_of(path, &query, |p| p.model.as_ref());
-    state.service.pick(named.as_deref(), Task::Classify)?;
-    let input::Read {
-        images,
-        mut params,
-        held: _held,
-    } = read_body(&state, query, &headers, body).await?;
-    let model = named.or(params.model.take());
-    let deadline = state.service.deadline(started, client_timeout(&headers)?);
-    let answer = state
-        .service
-        .classify(model.as_deref(), images, &params.into(), deadline)
-        .await?;
-    let results = answer
-        .results
-        .into_iter()
-        .map(|r| ImagePredictions {
-            width: r.width,
-            height: r.height,
-            predictions: predictions_json(r.output),
-        })
-        .collect();
-    let body = ClassifyResponse {
-        model: answer.model,
-        results,
-    };
-    Ok(with_timing(body, answer.timing))
+    infer_with(state, Some(name), query, headers, body).await
 }
 
 /// The models this server holds, whether they are ready, and their batching settings.
@@ -322,47 +297,38 @@ pub(super) fn model_status(m: ModelState) -> ModelStatus {
         Task::Classify => format!("/v1/models/{}/classify", m.name),
     });
     let b = m.batching;
-    let info = m.info;
-    let outputs = match (&info, m.task) {
-        (Some(i), Some(Task::Detect)) => Some(i.outputs()),
-        _ => None,
-    };
+    let info = m.info.as_ref();
+    let keypoints = m.keypoints();
     ModelStatus {
-        name: m.name,
+        name: m.name.clone(),
         version: m.version,
         task: m.task.map(|t| t.name().into()),
         state: m.state,
-        error: m.pending.as_ref().and_then(|p| p.error.clone()),
+        error: m.error().map(str::to_owned),
         default: m.default,
         endpoint,
-        arch: info.as_ref().map(|i| i.arch.clone()),
-        outputs,
-        keypoint_names: info
-            .as_ref()
-            .and_then(|i| i.keypoints.as_ref().map(|k| k.names.clone())),
-        skeleton: info
-            .as_ref()
-            .and_then(|i| i.keypoints.as_ref().map(|k| k.skeleton.clone())),
-        classes: info.as_ref().map(|i| i.num_classes),
-        device: info.as_ref().map(|i| i.device.clone()),
-        precision: info.as_ref().map(|i| i.precision.clone()),
-        precision_trial: m.precision_trial.map(Into::into),
-        ready: m.state == ModelLoad::Ready,
-        memory_mb: m
-            .memory_bytes
-            .map(|b| (b as f64 / 1_048_576.0).round() as u64),
+        arch: info.map(|i| i.arch.clone()),
+        outputs: m.outputs(),
+        keypoint_names: keypoints.map(|k| k.names.clone()),
+        skeleton: keypoints.map(|k| k.skeleton.clone()),
+        classes: info.map(|i| i.num_classes),
+        device: info.map(|i| i.device.clone()),
+        precision: info.map(|i| i.precision.clone()),
+        precision_trial: m.precision_trial.clone().map(Into::into),
+        ready: m.ready(),
+        memory_mb: m.memory_mib(),
         settings: (&m.settings).into(),
         batching: BatchingJson {
             max_batch_size: b.max_batch_size,
             max_batch_delay_ms: b.max_batch_delay.as_millis() as u64,
             max_queue: b.max_queue,
         },
-        next: m.pending.map(|p| NextVersionJson {
+        next: m.pending.as_ref().map(|p| NextVersionJson {
             version: p.version,
             state: p.state,
-            error: p.error,
+            error: p.error.clone(),
         }),
-        draining: m.draining,
+        draining: m.draining.clone(),
     }
 }
 

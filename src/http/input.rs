@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiError;
-use crate::service::{ClassifyOptions, DetectOptions};
+use crate::service::{ClassifyOptions, DetectOptions, Options, Task};
 
 /// Parameters of /detect, from the query string, JSON fields or multipart text fields.
 #[derive(Debug, Default, Deserialize, IntoParams, ToSchema)]
@@ -91,10 +91,27 @@ impl LabelList {
 
 /// Parameters that can come from two places; query parameters win over body fields.
 pub trait Params: DeserializeOwned + Default + Send + IntoParams {
+    /// The task of the routes that read these parameters.
+    const TASK: Task;
+
     fn or(self, other: Self) -> Self;
 
     /// The names the route reads (made once: every request checks against them).
     fn names() -> &'static [String];
+
+    /// The model the parameters name.
+    fn model(&self) -> Option<&String>;
+
+    /// The model the parameters name, taken out of them.
+    fn take_model(&mut self) -> Option<String>;
+
+    /// `render`, taken out of the parameters (only detection draws).
+    fn take_render(&mut self) -> Option<String> {
+        None
+    }
+
+    /// What the service is asked.
+    fn into_options(self) -> Options;
 }
 
 /// The API document's list of `P`'s names, so the check and the document cannot differ.
@@ -159,6 +176,24 @@ fn query_params<P: Params>(uri: &Uri) -> Result<P, ApiError> {
 }
 
 impl Params for DetectParams {
+    const TASK: Task = Task::Detect;
+
+    fn model(&self) -> Option<&String> {
+        self.model.as_ref()
+    }
+
+    fn take_model(&mut self) -> Option<String> {
+        self.model.take()
+    }
+
+    fn take_render(&mut self) -> Option<String> {
+        self.render.take()
+    }
+
+    fn into_options(self) -> Options {
+        DetectOptions::from(self).into()
+    }
+
     fn names() -> &'static [String] {
         static NAMES: OnceLock<Vec<String>> = OnceLock::new();
         NAMES.get_or_init(document_names::<Self>)
@@ -178,6 +213,20 @@ impl Params for DetectParams {
 }
 
 impl Params for ClassifyParams {
+    const TASK: Task = Task::Classify;
+
+    fn model(&self) -> Option<&String> {
+        self.model.as_ref()
+    }
+
+    fn take_model(&mut self) -> Option<String> {
+        self.model.take()
+    }
+
+    fn into_options(self) -> Options {
+        ClassifyOptions::from(self).into()
+    }
+
     fn names() -> &'static [String] {
         static NAMES: OnceLock<Vec<String>> = OnceLock::new();
         NAMES.get_or_init(document_names::<Self>)

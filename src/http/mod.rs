@@ -8,7 +8,6 @@ pub(crate) mod input;
 mod server;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, Method};
@@ -16,7 +15,6 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post, put};
 use axum::Router;
-use subtle::ConstantTimeEq;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::Instrument;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -27,13 +25,13 @@ pub use error::ApiError;
 pub use input::Limits as BodyLimits;
 pub use server::{serve, ConnectionLimits};
 
-use crate::service::Service;
+use crate::service::{Key, Service};
 
 pub struct AppState {
     pub service: Arc<Service>,
-    pub api_key: Option<String>,
+    pub api_key: Key,
     /// The admin API's key; without one the admin routes do not exist.
-    pub admin_key: Option<String>,
+    pub admin_key: Key,
     pub input: input::Limits,
 }
 
@@ -46,8 +44,8 @@ impl AppState {
     ) -> Self {
         Self {
             service,
-            api_key,
-            admin_key,
+            api_key: Key::new(api_key),
+            admin_key: Key::new(admin_key),
             input,
         }
     }
@@ -78,14 +76,6 @@ impl Modify for BearerKey {
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
     }
-}
-
-/// A constant-time comparison of a presented `authorization` value with the key.
-pub fn key_matches(presented: Option<&str>, key: &str) -> bool {
-    let given = presented
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    bool::from(given.as_bytes().ct_eq(key.as_bytes()))
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -120,7 +110,7 @@ pub fn router(state: Arc<AppState>, cors_origins: &[String]) -> Router {
             require_api_key,
         ));
     let mut app = Router::new().merge(guarded);
-    if state.admin_key.is_some() {
+    if state.admin_key.is_set() {
         let admin = Router::new()
             .route(
                 "/v1/models/{name}",
@@ -171,7 +161,7 @@ async fn require_api_key(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    check_key(&request, state.api_key.as_deref())?;
+    check_key(&request, &state.api_key)?;
     Ok(next.run(request).await)
 }
 
@@ -181,21 +171,20 @@ async fn require_admin_key(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    check_key(&request, state.admin_key.as_deref())?;
+    check_key(&request, &state.admin_key)?;
     Ok(next.run(request).await)
 }
 
-fn check_key(request: &Request, key: Option<&str>) -> Result<(), ApiError> {
-    if let Some(key) = key {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        if !key_matches(given, key) {
-            return Err(ApiError::Unauthorized);
-        }
+fn check_key(request: &Request, key: &Key) -> Result<(), ApiError> {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if key.allows(given) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
     }
-    Ok(())
 }
 
 /// A client's request id when it is a sane token, else a new one.
@@ -222,21 +211,10 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
         .copied()
         .unwrap_or("other");
     let span = tracing::info_span!("request", id = %id, method = %request.method(), endpoint);
-    let started = Instant::now();
-    let in_flight = state.service.admission.enter();
+    let call = state.service.call(endpoint);
     let mut response = next.run(request).instrument(span.clone()).await;
-    drop(in_flight);
-    let elapsed = started.elapsed();
     let status = response.status();
-    let metrics = &state.service.metrics;
-    metrics
-        .requests
-        .with_label_values(&[endpoint, status.as_str()])
-        .inc();
-    metrics
-        .request_duration
-        .with_label_values(&[endpoint])
-        .observe(elapsed.as_secs_f64());
+    let elapsed = call.finish(status.as_str());
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&id) {
         headers.insert(REQUEST_ID, v);

@@ -9,11 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 use super::{Decoded, Preparer, ServiceError};
-use crate::imaging::{self, ImageError};
+use crate::imaging::{ImageError, ImageInput};
 use crate::model::ModelError;
 
 /// Permits count kilopixels, so that a budget of billions of pixels fits the semaphore's u32.
@@ -102,12 +101,12 @@ impl Decoding {
     pub(crate) fn cost<I>(
         &self,
         index: usize,
-        bytes: &[u8],
+        image: &ImageInput,
         max_pixels: u64,
         preparer: &Preparer<I>,
     ) -> Result<Cost, ServiceError> {
         let image_error = move |source| ServiceError::Image { index, source };
-        let (w, h) = imaging::probe(bytes).map_err(image_error)?;
+        let (w, h) = image.size().map_err(image_error)?;
         let pixels = u64::from(w) * u64::from(h);
         if pixels > max_pixels {
             return Err(image_error(ImageError::TooLarge {
@@ -138,7 +137,7 @@ impl Decoding {
     pub(crate) async fn prepare<I: Send + 'static>(
         &self,
         index: usize,
-        bytes: Bytes,
+        image: ImageInput,
         cost: u64,
         max_pixels: u64,
         deadline: Instant,
@@ -149,7 +148,7 @@ impl Decoding {
         let pace = self.pace.clone();
         self.run(cost, deadline, move || {
             let started = Instant::now();
-            let img = imaging::decode(&bytes, max_pixels).map_err(image_error)?;
+            let img = image.decode(max_pixels).map_err(image_error)?;
             let input = prepare(&img)?;
             record(&pace, cost, started.elapsed());
             let size = Decoded {

@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use tch::{Device, Tensor};
 
 use super::memory;
-use super::{ModelInfo, Preparer, Served, Tuned};
+use super::{Loaded, ModelInfo, Preparer, Served, Tuned};
 use crate::batch::{BatchConfig, Batcher, Engine, Member, ModelLabels, Pace};
 use crate::imaging::RgbImage;
 use crate::labels::{KeypointSchema, Labels};
@@ -197,12 +197,11 @@ impl Engine for ClassifierEngine {
     }
 }
 
-pub struct DetectorSpec {
+/// What to load and how to serve it, whatever the task.
+pub struct ModelSpec {
     pub name: String,
     pub version: u64,
     pub weights: PathBuf,
-    pub arch: ArchChoice,
-    pub frozen_bn_eps: Option<f64>,
     pub labels: Option<PathBuf>,
     pub device: Device,
     pub precision: Precision,
@@ -211,20 +210,20 @@ pub struct DetectorSpec {
     pub cache_dir: PathBuf,
     /// The agreement with fp32 `auto` requires.
     pub min_agreement: f64,
-    pub params: DetectorParams,
+    pub kind: ModelKind,
 }
 
-pub struct ClassifierSpec {
-    pub name: String,
-    pub version: u64,
-    pub weights: PathBuf,
-    pub preset: Preset,
-    pub labels: Option<PathBuf>,
-    pub device: Device,
-    pub precision: Precision,
-    pub warmup_images: usize,
-    pub cache_dir: PathBuf,
-    pub min_agreement: f64,
+/// What the task's model needs besides what every model does.
+#[derive(Clone, Copy, Debug)]
+pub enum ModelKind {
+    Detector {
+        arch: ArchChoice,
+        frozen_bn_eps: Option<f64>,
+        params: DetectorParams,
+    },
+    Classifier {
+        preset: Preset,
+    },
 }
 
 /// `n` different images of a common camera size with smooth colour fields and a few solid
@@ -271,11 +270,11 @@ fn device_name(d: Device) -> String {
     }
 }
 
-type Started<I, O> = (
-    Served<I, O>,
-    tokio::sync::oneshot::Receiver<Result<(), ModelError>>,
-    JoinHandle<()>,
-);
+/// Answers once the worker's model is warm (or failed to get there).
+type Warm = tokio::sync::oneshot::Receiver<Result<(), ModelError>>;
+
+/// A model on its worker, the channel that answers once it is warm, and the worker.
+type Started = (Loaded, Warm, JoinHandle<()>);
 
 /// What a worker needs to make its engine: a model loaded at start (so a bad file fails the
 /// start at once), and, with `auto`, how to load the other candidates for the trial.
@@ -329,7 +328,8 @@ impl<E: Engine> Plan<E> {
                 Ok((engine, tuned))
             }
             Some(trial) => {
-                let (engine, decision) = tune(self.engine, &*self.load, trial, pass, self.agree)?;
+                let (engine, decision) =
+                    choose_precision(self.engine, &*self.load, trial, pass, self.agree)?;
                 // The chosen setting's best pass over the trial images, per run.
                 let runs = self.images.div_ceil(per_run).max(1);
                 let run = per_run.min(self.images.max(1));
@@ -362,13 +362,21 @@ struct Trial {
     min_agreement: f64,
 }
 
-fn detector_config(spec: &DetectorSpec, precision: Precision) -> DetectorConfig {
+/// A detector's settings, the task's own part of a spec.
+#[derive(Clone, Copy)]
+struct DetectorKind {
+    arch: ArchChoice,
+    frozen_bn_eps: Option<f64>,
+    params: DetectorParams,
+}
+
+fn detector_config(d: DetectorKind, device: Device, precision: Precision) -> DetectorConfig {
     DetectorConfig {
-        arch: spec.arch,
-        frozen_bn_eps: spec.frozen_bn_eps,
-        device: spec.device,
-        compute: resolve_precision(precision, spec.device).1,
-        params: spec.params,
+        arch: d.arch,
+        frozen_bn_eps: d.frozen_bn_eps,
+        device,
+        compute: resolve_precision(precision, device).1,
+        params: d.params,
     }
 }
 
@@ -401,32 +409,67 @@ fn plan_trial(
     })
 }
 
-/// Loads the detector here (so a bad file fails the start at once), then hands it to its
+/// Loads the model here (so a bad file fails the start at once), then hands it to its
 /// worker thread, which runs `auto`'s trial or warms it up before it reports ready.
-pub fn start_detector(
-    spec: DetectorSpec,
+pub fn start(
+    spec: ModelSpec,
     batch: BatchConfig,
     cpu: Option<Member>,
     metrics: Arc<Metrics>,
-) -> anyhow::Result<Started<DetectInput, Vec<Detection>>> {
-    let (plan, info, labels) = detector_plan(spec, &batch)?;
-    Ok(spawn_worker(plan, info, labels, batch, cpu, metrics))
+) -> anyhow::Result<Started> {
+    Ok(match spec.kind {
+        ModelKind::Detector {
+            arch,
+            frozen_bn_eps,
+            params,
+        } => {
+            let kind = DetectorKind {
+                arch,
+                frozen_bn_eps,
+                params,
+            };
+            let (plan, info, labels) = detector_plan(spec, kind, &batch)?;
+            let (served, started, worker) = spawn_worker(plan, info, labels, batch, cpu, metrics);
+            (Loaded::Detector { served, params }, started, worker)
+        }
+        ModelKind::Classifier { preset } => {
+            let (plan, info, labels) = classifier_plan(spec, preset, &batch)?;
+            let (served, started, worker) = spawn_worker(plan, info, labels, batch, cpu, metrics);
+            (Loaded::Classifier { served, preset }, started, worker)
+        }
+    })
 }
 
 /// What `spec` runs in once warm (running `auto`'s trial when it is asked for), without
 /// serving it: `detectd bench --precision auto`.
-pub fn tune_detector(spec: DetectorSpec, batch: &BatchConfig) -> anyhow::Result<Tuned> {
-    let (plan, _, _) = detector_plan(spec, batch)?;
-    Ok(plan.make(&Pace::default())?.1)
+pub fn tune(spec: ModelSpec, batch: &BatchConfig) -> anyhow::Result<Tuned> {
+    let pace = Pace::default();
+    Ok(match spec.kind {
+        ModelKind::Detector {
+            arch,
+            frozen_bn_eps,
+            params,
+        } => {
+            let kind = DetectorKind {
+                arch,
+                frozen_bn_eps,
+                params,
+            };
+            detector_plan(spec, kind, batch)?.0.make(&pace)?.1
+        }
+        ModelKind::Classifier { preset } => classifier_plan(spec, preset, batch)?.0.make(&pace)?.1,
+    })
 }
 
 fn detector_plan(
-    spec: DetectorSpec,
+    spec: ModelSpec,
+    kind: DetectorKind,
     batch: &BatchConfig,
 ) -> anyhow::Result<(Plan<DetectorEngine>, ModelInfo, Labels)> {
     let first = loaded_first(spec.precision, spec.device);
+    let device = spec.device;
     let (model, loaded_bytes) =
-        memory::measured(|| FasterRcnn::load(&spec.weights, &detector_config(&spec, first)));
+        memory::measured(|| FasterRcnn::load(&spec.weights, &detector_config(kind, device, first)));
     let model = model?;
     let labels = Labels::for_detector(spec.labels.as_deref(), model.family, model.num_classes)?;
     let arch = model.arch_name();
@@ -456,10 +499,11 @@ fn detector_plan(
     } else {
         spec.warmup_images
     };
-    let resize = spec.params.resize();
-    let score = spec.params.box_score_thresh;
+    let resize = kind.params.resize();
+    let score = kind.params.box_score_thresh;
+    let weights = spec.weights;
     let load = move |p: Precision| {
-        FasterRcnn::load(&spec.weights, &detector_config(&spec, p)).map(DetectorEngine)
+        FasterRcnn::load(&weights, &detector_config(kind, device, p)).map(DetectorEngine)
     };
     let agree = |reference: &Vec<Vec<Detection>>, other: &Vec<Vec<Detection>>| {
         let mut a = DetectionAgreement::default();
@@ -496,7 +540,7 @@ fn spawn_worker<E: Engine + Send + 'static>(
     batch: BatchConfig,
     cpu: Option<Member>,
     metrics: Arc<Metrics>,
-) -> Started<E::Input, E::Output> {
+) -> (Served<E::Input, E::Output>, Warm, JoinHandle<()>) {
     let labels_of_metrics = ModelLabels::new(&info.name, info.version);
     let tuned = Arc::new(OnceLock::new());
     let served_tuned = tuned.clone();
@@ -560,7 +604,7 @@ fn run_all<E: Engine>(
 
 /// `auto`: the cached decision for this key, or a trial of every candidate (under the key's
 /// lock, so replicas on one machine run one trial), then the chosen model.
-fn tune<E: Engine>(
+fn choose_precision<E: Engine>(
     fp32: E,
     load: &dyn Fn(Precision) -> Result<E, ModelError>,
     trial: Trial,
@@ -608,24 +652,9 @@ fn tune<E: Engine>(
     Ok((engine, decision))
 }
 
-pub fn start_classifier(
-    spec: ClassifierSpec,
-    batch: BatchConfig,
-    cpu: Option<Member>,
-    metrics: Arc<Metrics>,
-) -> anyhow::Result<Started<ClassifyInput, Vec<Prediction>>> {
-    let (plan, info, labels) = classifier_plan(spec, &batch)?;
-    Ok(spawn_worker(plan, info, labels, batch, cpu, metrics))
-}
-
-/// As `tune_detector`, for the classifier.
-pub fn tune_classifier(spec: ClassifierSpec, batch: &BatchConfig) -> anyhow::Result<Tuned> {
-    let (plan, _, _) = classifier_plan(spec, batch)?;
-    Ok(plan.make(&Pace::default())?.1)
-}
-
 fn classifier_plan(
-    spec: ClassifierSpec,
+    spec: ModelSpec,
+    preset: Preset,
     batch: &BatchConfig,
 ) -> anyhow::Result<(Plan<ClassifierEngine>, ModelInfo, Labels)> {
     let first = loaded_first(spec.precision, spec.device);
@@ -634,7 +663,7 @@ fn classifier_plan(
         memory::measured(|| Classifier::load(&spec.weights, spec.device, compute(first)));
     let model = model?;
     let labels = Labels::for_model(spec.labels.as_deref(), model.num_classes, Labels::imagenet)?;
-    let arch = format!("resnet50 (preset {:?})", spec.preset).to_lowercase();
+    let arch = format!("resnet50 (preset {preset:?})").to_lowercase();
     let info = ModelInfo {
         name: spec.name.clone(),
         version: spec.version,
@@ -661,7 +690,7 @@ fn classifier_plan(
     } else {
         spec.warmup_images
     };
-    let (weights, device, preset) = (spec.weights, spec.device, spec.preset);
+    let (weights, device) = (spec.weights, spec.device);
     let load = move |p: Precision| {
         Classifier::load(&weights, device, resolve_precision(p, device).1).map(ClassifierEngine)
     };

@@ -1,8 +1,10 @@
-//! The serving core between the HTTP edge and the models: decodes and preprocesses images off
-//! the async threads, queues them for the model's worker, and waits with a deadline. The edge
-//! hands in bytes and gets plain results back; no tensor crosses it.
+//! The serving core between the edges and the models: decodes and preprocesses images off
+//! the async threads, queues them for the model's worker, and waits with a deadline. Every
+//! edge (HTTP, gRPC) asks through one call, `Service::infer`, with images (encoded files or
+//! raw pixels) and the task's options, and gets plain results back; no tensor crosses it.
 
 mod admission;
+mod calls;
 mod decoding;
 mod engines;
 pub mod memory;
@@ -24,13 +26,12 @@ use crate::model::autotune::Decision;
 use crate::model::transform::SizeError;
 use crate::model::{Detection, ModelError, Named, Precision, Prediction};
 
+pub use crate::imaging::ImageInput;
 pub use crate::model::Task;
 pub use admission::{Admission, InFlight};
+pub use calls::{Call, Key};
 pub use decoding::Decoding;
-pub use engines::{
-    start_classifier, start_detector, trial_images, tune_classifier, tune_detector, ClassifierSpec,
-    ClassifyInput, DetectInput, DetectorSpec,
-};
+pub use engines::{trial_images, tune, ClassifyInput, DetectInput, ModelKind, ModelSpec};
 pub use params::{
     name_detection, ClassifyOptions, DetectOptions, MaskFormat, DEFAULT_TOP_K, MAX_TOP_K,
 };
@@ -182,7 +183,7 @@ impl<I: Send + 'static, O: Send + 'static> Served<I, O> {
     /// wait or a full queue costs no decoding.
     async fn infer(
         &self,
-        images: Vec<bytes::Bytes>,
+        images: Vec<ImageInput>,
         limits: &Limits,
         deadline: Instant,
         preparer: Preparer<I>,
@@ -206,12 +207,12 @@ impl<I: Send + 'static, O: Send + 'static> Served<I, O> {
         let reservation = self.batcher.reserve(images.len()).map_err(submit_error)?;
         let mut sizes = Vec::with_capacity(images.len());
         let mut inputs = Vec::with_capacity(images.len());
-        for ((index, bytes), cost) in images.into_iter().enumerate().zip(costs) {
+        for ((index, image), cost) in images.into_iter().enumerate().zip(costs) {
             let (size, input) = limits
                 .decoding
                 .prepare(
                     index,
-                    bytes,
+                    image,
                     cost.pixels,
                     limits.max_pixels,
                     deadline,
@@ -323,20 +324,40 @@ pub struct ImageResult<T> {
     pub output: T,
 }
 
-pub struct Answer<T> {
+/// What a model answered for a request: who answered, each image's results (by the model's
+/// task), and where the time went.
+pub struct Answer {
     pub model: ModelInfo,
-    pub results: Vec<ImageResult<T>>,
+    pub results: Results,
     pub timing: Timing,
 }
 
+/// Each image's results, in the request's order.
+pub enum Results {
+    Detections(Vec<ImageResult<Vec<NamedDetection>>>),
+    Predictions(Vec<ImageResult<Vec<NamedPrediction>>>),
+}
+
+impl Results {
+    pub fn len(&self) -> usize {
+        match self {
+            Results::Detections(r) => r.len(),
+            Results::Predictions(r) => r.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Each image's size with its output, shaped by `shape`.
 fn join<O, T>(
-    model: &ModelInfo,
     sizes: Vec<Decoded>,
     outputs: Vec<O>,
-    timing: Timing,
     shape: impl Fn(&O) -> T,
-) -> Answer<T> {
-    let results = sizes
+) -> Vec<ImageResult<T>> {
+    sizes
         .into_iter()
         .zip(outputs)
         .map(|(d, output)| ImageResult {
@@ -344,12 +365,7 @@ fn join<O, T>(
             height: d.height,
             output: shape(&output),
         })
-        .collect();
-    Answer {
-        model: model.clone(),
-        results,
-        timing,
-    }
+        .collect()
 }
 
 impl Service {
@@ -380,48 +396,86 @@ impl Service {
         started + limit
     }
 
-    pub async fn detect(
+    /// Runs `images` through `model` (or the default model of `options`' task): the one
+    /// path of every edge's inference. A model of another task is refused (`WrongTask`).
+    pub async fn infer(
         &self,
         model: Option<&str>,
-        images: Vec<bytes::Bytes>,
-        options: &DetectOptions,
+        images: Vec<ImageInput>,
+        options: &Options,
         deadline: Instant,
-    ) -> Result<Answer<Vec<NamedDetection>>, ServiceError> {
-        let version = self.pick(model, Task::Detect)?;
-        let Loaded::Detector { served, params } = &version.model else {
-            return Err(wrong_task(&version));
-        };
-        let plan = options.plan(&served.labels, params)?;
-        let preparer =
-            engines::DetectInput::preparer(params.resize(), plan.threshold, plan.mask_threshold);
-        let (sizes, outputs, timing) = served
-            .infer(images, &self.limits, deadline, preparer)
-            .await?;
-        let info = served.info();
-        Ok(join(&info, sizes, outputs, timing, |d| {
-            plan.select(d, &served.labels, &info)
-        }))
+    ) -> Result<Answer, ServiceError> {
+        let version = self.pick(model, options.task())?;
+        match (&version.model, options) {
+            (Loaded::Detector { served, params }, Options::Detect(options)) => {
+                let plan = options.plan(&served.labels, params)?;
+                let preparer = engines::DetectInput::preparer(
+                    params.resize(),
+                    plan.threshold,
+                    plan.mask_threshold,
+                );
+                let (sizes, outputs, timing) = served
+                    .infer(images, &self.limits, deadline, preparer)
+                    .await?;
+                let info = served.info();
+                let results = join(sizes, outputs, |d| plan.select(d, &served.labels, &info));
+                Ok(Answer {
+                    model: info,
+                    results: Results::Detections(results),
+                    timing,
+                })
+            }
+            (Loaded::Classifier { served, preset }, Options::Classify(options)) => {
+                let top_k = options.top_k(served.info.num_classes)?;
+                let preparer = engines::ClassifyInput::preparer(*preset, top_k);
+                let (sizes, outputs, timing) = served
+                    .infer(images, &self.limits, deadline, preparer)
+                    .await?;
+                let results = join(sizes, outputs, |p| served.labels.predictions(p));
+                Ok(Answer {
+                    model: served.info(),
+                    results: Results::Predictions(results),
+                    timing,
+                })
+            }
+            _ => Err(wrong_task(&version)),
+        }
+    }
+}
+
+/// What a request asks of its model, by the model's task.
+#[derive(Debug, Clone)]
+pub enum Options {
+    Detect(DetectOptions),
+    Classify(ClassifyOptions),
+}
+
+impl Options {
+    pub fn task(&self) -> Task {
+        match self {
+            Options::Detect(_) => Task::Detect,
+            Options::Classify(_) => Task::Classify,
+        }
     }
 
-    pub async fn classify(
-        &self,
-        model: Option<&str>,
-        images: Vec<bytes::Bytes>,
-        options: &ClassifyOptions,
-        deadline: Instant,
-    ) -> Result<Answer<Vec<NamedPrediction>>, ServiceError> {
-        let version = self.pick(model, Task::Classify)?;
-        let Loaded::Classifier { served, preset } = &version.model else {
-            return Err(wrong_task(&version));
-        };
-        let top_k = options.top_k(served.info.num_classes)?;
-        let preparer = engines::ClassifyInput::preparer(*preset, top_k);
-        let (sizes, outputs, timing) = served
-            .infer(images, &self.limits, deadline, preparer)
-            .await?;
-        Ok(join(&served.info(), sizes, outputs, timing, |p| {
-            served.labels.predictions(p)
-        }))
+    /// The defaults of `task`'s options (a request that sets none).
+    pub fn defaults(task: Task) -> Self {
+        match task {
+            Task::Detect => Options::Detect(DetectOptions::default()),
+            Task::Classify => Options::Classify(ClassifyOptions::default()),
+        }
+    }
+}
+
+impl From<DetectOptions> for Options {
+    fn from(o: DetectOptions) -> Self {
+        Options::Detect(o)
+    }
+}
+
+impl From<ClassifyOptions> for Options {
+    fn from(o: ClassifyOptions) -> Self {
+        Options::Classify(o)
     }
 }
 

@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 
 use serde::Serialize;
 
-use super::engines::{start_classifier, start_detector, ClassifierSpec, DetectorSpec};
+use super::engines::{start, ModelKind, ModelSpec};
 use super::settings::{ModelSettings, SettingsDefaults};
 use super::{ClassifierServed, DetectorServed, ModelInfo, ServiceError};
 use crate::batch::{BatchConfig, CpuShare};
@@ -108,6 +108,18 @@ pub enum State {
     Failed,
 }
 
+impl State {
+    /// The name every edge shows (the JSON's, by serde, is the same).
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Loading => "loading",
+            State::Ready => "ready",
+            State::Draining => "draining",
+            State::Failed => "failed",
+        }
+    }
+}
+
 /// A load beside the serving version, or the last one's failure.
 #[derive(Debug, Clone)]
 pub struct Pending {
@@ -116,7 +128,8 @@ pub struct Pending {
     pub error: Option<String>,
 }
 
-/// A model as both edges list it.
+/// A model as every edge lists it (each renders it in its own shape, from these fields and
+/// the methods below).
 pub struct ModelState {
     pub name: String,
     pub task: Option<Task>,
@@ -132,6 +145,36 @@ pub struct ModelState {
     pub pending: Option<Pending>,
     /// Older versions still answering what they accepted.
     pub draining: Vec<u64>,
+}
+
+impl ModelState {
+    pub fn ready(&self) -> bool {
+        self.state == State::Ready
+    }
+
+    /// What a detector's detections carry (`boxes`, and `masks` or `keypoints`); None for a
+    /// classifier, or before a version serves.
+    pub fn outputs(&self) -> Option<Vec<String>> {
+        let info = self.info.as_ref()?;
+        (self.task == Some(Task::Detect)).then(|| info.outputs())
+    }
+
+    /// A Keypoint R-CNN's keypoint names and skeleton.
+    pub fn keypoints(&self) -> Option<&crate::labels::KeypointSchema> {
+        self.info.as_ref()?.keypoints.as_ref()
+    }
+
+    /// Why the last load of the name failed, while no later one has succeeded.
+    pub fn error(&self) -> Option<&str> {
+        self.pending.as_ref()?.error.as_deref()
+    }
+
+    /// What loading and warming the serving version added to the resident memory, in MiB
+    /// (rounded).
+    pub fn memory_mib(&self) -> Option<u64> {
+        self.memory_bytes
+            .map(|b| (b as f64 / 1_048_576.0).round() as u64)
+    }
 }
 
 struct Slot {
@@ -517,50 +560,32 @@ impl Registry {
         let batch = settings.batch;
         // A GPU model's runs leave the CPU to the others: only CPU models take turns.
         let cpu = (device == tch::Device::Cpu).then(|| ctx.cpu.join(settings.weight));
-        let (model, started, worker) = match task {
-            Task::Detect => {
-                let spec = DetectorSpec {
-                    name: settings.name.clone(),
-                    version: number,
-                    weights,
-                    arch: settings.arch,
-                    frozen_bn_eps: settings
-                        .frozen_bn_eps
-                        .or_else(|| crate::weights::hub::frozen_bn_eps_of(&settings.source)),
-                    labels: settings.labels.clone(),
-                    device,
-                    precision: settings.precision,
-                    warmup_images,
-                    cache_dir: ctx.cache_dir.clone(),
-                    min_agreement: ctx.min_agreement,
-                    params: settings.detector,
-                };
-                let (served, started, worker) =
-                    start_detector(spec, batch, cpu, ctx.metrics.clone())
-                        .map_err(|e| failed(format!("{e:#}")))?;
-                let params = settings.detector;
-                (Loaded::Detector { served, params }, started, worker)
-            }
-            Task::Classify => {
-                let spec = ClassifierSpec {
-                    name: settings.name.clone(),
-                    version: number,
-                    weights,
-                    preset: settings.preset,
-                    labels: settings.labels.clone(),
-                    device,
-                    precision: settings.precision,
-                    warmup_images,
-                    cache_dir: ctx.cache_dir.clone(),
-                    min_agreement: ctx.min_agreement,
-                };
-                let (served, started, worker) =
-                    start_classifier(spec, batch, cpu, ctx.metrics.clone())
-                        .map_err(|e| failed(format!("{e:#}")))?;
-                let preset = settings.preset;
-                (Loaded::Classifier { served, preset }, started, worker)
-            }
+        let kind = match task {
+            Task::Detect => ModelKind::Detector {
+                arch: settings.arch,
+                frozen_bn_eps: settings
+                    .frozen_bn_eps
+                    .or_else(|| crate::weights::hub::frozen_bn_eps_of(&settings.source)),
+                params: settings.detector,
+            },
+            Task::Classify => ModelKind::Classifier {
+                preset: settings.preset,
+            },
         };
+        let spec = ModelSpec {
+            name: settings.name.clone(),
+            version: number,
+            weights,
+            labels: settings.labels.clone(),
+            device,
+            precision: settings.precision,
+            warmup_images,
+            cache_dir: ctx.cache_dir.clone(),
+            min_agreement: ctx.min_agreement,
+            kind,
+        };
+        let (model, started, worker) =
+            start(spec, batch, cpu, ctx.metrics.clone()).map_err(|e| failed(format!("{e:#}")))?;
         // Series a dashboard or a test reads exist from the load on, at 0.
         let labels = [settings.name.as_str(), &number.to_string()];
         ctx.metrics.queue_depth.with_label_values(&labels).set(0);
@@ -686,6 +711,20 @@ fn slot_state(s: &Slot, draining: &[Arc<Version>]) -> ModelState {
                 pending,
                 draining: old,
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The gRPC edge shows `State::name`, the JSON edges serde's name: they must not differ.
+    #[test]
+    fn every_edge_names_a_state_alike() {
+        for s in [State::Loading, State::Ready, State::Draining, State::Failed] {
+            let json = serde_json::to_value(s).expect("serialize");
+            assert_eq!(json.as_str(), Some(s.name()));
         }
     }
 }
