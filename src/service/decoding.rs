@@ -42,6 +42,14 @@ impl std::ops::AddAssign for Cost {
     }
 }
 
+/// Decoding's pace before the first image has been measured. A burst's requests arrive
+/// together, before any of them is decoded: priced at nothing, a server admitted work it could
+/// not finish in time (32 clients of 45-megapixel PNGs: 18 admitted, 3 of them answered 504
+/// at 60 s, on a 2-core Zen 3). A 45 MP PNG took 0.71-0.84 s to decode and prepare for the
+/// detector there, 16-18 ns a pixel, alone; slower beside a model's pass. The first
+/// measurement replaces this.
+const PRIOR_SECONDS_PER_PIXEL: f64 = 25e-9;
+
 /// Weight of the newest image in the moving average.
 const ALPHA: f64 = 0.3;
 
@@ -85,15 +93,16 @@ impl Decoding {
 
     /// How long until images of `pixels` more pixels, behind those queued now, would be
     /// decoded and prepared, at the measured pace (one at a time: the model's worker needs
-    /// the other cores). None before any image has been measured.
-    pub fn expected_wait(&self, pixels: u64) -> Option<Duration> {
+    /// the other cores), or at `PRIOR_SECONDS_PER_PIXEL` before any image has been measured.
+    pub fn expected_wait(&self, pixels: u64) -> Duration {
         self.expected_wait_alone(self.queued.load(Ordering::SeqCst) + pixels)
     }
 
     /// How long images of `pixels` pixels take to decode and prepare on an idle server.
-    pub fn expected_wait_alone(&self, pixels: u64) -> Option<Duration> {
-        let per_pixel = (*self.pace.lock().unwrap_or_else(|e| e.into_inner()))?;
-        Some(Duration::from_secs_f64(pixels as f64 * per_pixel))
+    pub fn expected_wait_alone(&self, pixels: u64) -> Duration {
+        let measured = *self.pace.lock().unwrap_or_else(|e| e.into_inner());
+        let per_pixel = measured.unwrap_or(PRIOR_SECONDS_PER_PIXEL);
+        Duration::from_secs_f64(pixels as f64 * per_pixel)
     }
 
     /// What image `index` costs, from its header alone: refused here when it is too large or
@@ -232,5 +241,17 @@ mod tests {
         first.await.expect("task").expect("the first image ran");
         assert_eq!(decoding.in_use(), 0);
         assert_eq!(decoding.run(2048, far, || 7).await.expect("room again"), 7);
+    }
+
+    /// Before any image is measured, decoding is priced at the prior, not at nothing (a
+    /// burst arrives before its first image is decoded); the first measurement replaces it.
+    #[test]
+    fn decoding_is_priced_before_the_first_image_is_measured() {
+        let decoding = Decoding::new(64_000_000);
+        let prior = decoding.expected_wait_alone(40_000_000);
+        assert_eq!(prior, Duration::from_secs(1));
+        record(&decoding.pace, 40_000_000, Duration::from_secs(2));
+        let measured = decoding.expected_wait_alone(40_000_000);
+        assert_eq!(measured, Duration::from_secs(2));
     }
 }

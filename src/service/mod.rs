@@ -262,14 +262,14 @@ impl<I: Send + 'static, O: Send + 'static> Served<I, O> {
             return Ok(()); // nothing measured yet
         };
         let pixels = cost.pixels;
-        let decode = decoding.expected_wait(pixels).unwrap_or_default();
+        let decode = decoding.expected_wait(pixels);
         let expected = model + decode;
         let budget = deadline.saturating_duration_since(Instant::now());
         if expected.mul_f64(ADMISSION_MARGIN) <= budget {
             return Ok(());
         }
         let alone = self.batcher.run_time(images, units).unwrap_or_default()
-            + decoding.expected_wait_alone(pixels).unwrap_or_default();
+            + decoding.expected_wait_alone(pixels);
         if alone > budget {
             return Err(ServiceError::Timeout);
         }
