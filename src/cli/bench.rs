@@ -19,7 +19,7 @@ use crate::model::Named;
 use crate::model::{
     resolve_precision, ArchChoice, Classifier, DetectRequest, FasterRcnn, Precision, Preset,
 };
-use crate::service::{tune, BatchConfig, ModelKind, ModelSpec, Tuned};
+use crate::service::{tune, BatchConfig, DetectorKind, ModelKind, ModelSpec, Tuned};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum BenchModel {
@@ -173,11 +173,11 @@ fn auto(args: &BenchArgs, device: Device) -> anyhow::Result<Tuned> {
     let (name, kind) = match args.model {
         BenchModel::Detector => (
             "detector",
-            ModelKind::Detector {
+            ModelKind::Detector(DetectorKind {
                 arch: ArchChoice::Auto,
                 frozen_bn_eps: None,
                 params: Default::default(),
-            },
+            }),
         ),
         BenchModel::Classifier => ("classifier", ModelKind::Classifier { preset: Preset::V2 }),
     };

@@ -23,7 +23,9 @@ use crate::api::{
 use crate::labels::NamedDetection;
 use crate::model::Named;
 use crate::render;
-use crate::service::{Answer, ImageInput, ModelInfo, ModelState, Results, Task, Timing};
+use crate::service::{
+    Answer, ImageInput, ImageResult, ModelInfo, ModelState, Results, Task, Timing,
+};
 
 fn timed(mut response: Response, timing: Timing) -> Response {
     let value = format!(
@@ -199,28 +201,30 @@ async fn infer_with<P: Params>(
 fn answer_json(model: ModelInfo, results: Results) -> Response {
     match results {
         Results::Detections(results) => {
-            let results = results
-                .into_iter()
-                .map(|r| ImageDetections {
-                    width: r.width,
-                    height: r.height,
-                    detections: detections_json(r.output),
-                })
-                .collect();
+            let results = per_image(results, |width, height, d| ImageDetections {
+                width,
+                height,
+                detections: detections_json(d),
+            });
             Json(DetectResponse { model, results }).into_response()
         }
         Results::Predictions(results) => {
-            let results = results
-                .into_iter()
-                .map(|r| ImagePredictions {
-                    width: r.width,
-                    height: r.height,
-                    predictions: predictions_json(r.output),
-                })
-                .collect();
+            let results = per_image(results, |width, height, p| ImagePredictions {
+                width,
+                height,
+                predictions: predictions_json(p),
+            });
             Json(ClassifyResponse { model, results }).into_response()
         }
     }
+}
+
+/// Each image's size and output, shaped by `shape`.
+fn per_image<T, J>(results: Vec<ImageResult<T>>, shape: impl Fn(u32, u32, T) -> J) -> Vec<J> {
+    results
+        .into_iter()
+        .map(|r| shape(r.width, r.height, r.output))
+        .collect()
 }
 
 /// Classify one image or several (ImageNet classes for the published weights).

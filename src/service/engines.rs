@@ -216,14 +216,16 @@ pub struct ModelSpec {
 /// What the task's model needs besides what every model does.
 #[derive(Clone, Copy, Debug)]
 pub enum ModelKind {
-    Detector {
-        arch: ArchChoice,
-        frozen_bn_eps: Option<f64>,
-        params: DetectorParams,
-    },
-    Classifier {
-        preset: Preset,
-    },
+    Detector(DetectorKind),
+    Classifier { preset: Preset },
+}
+
+/// A detector's own settings.
+#[derive(Clone, Copy, Debug)]
+pub struct DetectorKind {
+    pub arch: ArchChoice,
+    pub frozen_bn_eps: Option<f64>,
+    pub params: DetectorParams,
 }
 
 /// `n` different images of a common camera size with smooth colour fields and a few solid
@@ -362,14 +364,6 @@ struct Trial {
     min_agreement: f64,
 }
 
-/// A detector's settings, the task's own part of a spec.
-#[derive(Clone, Copy)]
-struct DetectorKind {
-    arch: ArchChoice,
-    frozen_bn_eps: Option<f64>,
-    params: DetectorParams,
-}
-
 fn detector_config(d: DetectorKind, device: Device, precision: Precision) -> DetectorConfig {
     DetectorConfig {
         arch: d.arch,
@@ -418,18 +412,10 @@ pub fn start(
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Started> {
     Ok(match spec.kind {
-        ModelKind::Detector {
-            arch,
-            frozen_bn_eps,
-            params,
-        } => {
-            let kind = DetectorKind {
-                arch,
-                frozen_bn_eps,
-                params,
-            };
+        ModelKind::Detector(kind) => {
             let (plan, info, labels) = detector_plan(spec, kind, &batch)?;
             let (served, started, worker) = spawn_worker(plan, info, labels, batch, cpu, metrics);
+            let params = kind.params;
             (Loaded::Detector { served, params }, started, worker)
         }
         ModelKind::Classifier { preset } => {
@@ -445,18 +431,7 @@ pub fn start(
 pub fn tune(spec: ModelSpec, batch: &BatchConfig) -> anyhow::Result<Tuned> {
     let pace = Pace::default();
     Ok(match spec.kind {
-        ModelKind::Detector {
-            arch,
-            frozen_bn_eps,
-            params,
-        } => {
-            let kind = DetectorKind {
-                arch,
-                frozen_bn_eps,
-                params,
-            };
-            detector_plan(spec, kind, batch)?.0.make(&pace)?.1
-        }
+        ModelKind::Detector(kind) => detector_plan(spec, kind, batch)?.0.make(&pace)?.1,
         ModelKind::Classifier { preset } => classifier_plan(spec, preset, batch)?.0.make(&pace)?.1,
     })
 }

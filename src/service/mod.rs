@@ -31,7 +31,9 @@ pub use crate::model::Task;
 pub use admission::{Admission, InFlight};
 pub use calls::{Call, Key};
 pub use decoding::Decoding;
-pub use engines::{trial_images, tune, ClassifyInput, DetectInput, ModelKind, ModelSpec};
+pub use engines::{
+    trial_images, tune, ClassifyInput, DetectInput, DetectorKind, ModelKind, ModelSpec,
+};
 pub use params::{
     name_detection, ClassifyOptions, DetectOptions, MaskFormat, DEFAULT_TOP_K, MAX_TOP_K,
 };

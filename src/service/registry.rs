@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 
 use serde::Serialize;
 
-use super::engines::{start, ModelKind, ModelSpec};
+use super::engines::{start, DetectorKind, ModelKind, ModelSpec};
 use super::settings::{ModelSettings, SettingsDefaults};
 use super::{ClassifierServed, DetectorServed, ModelInfo, ServiceError};
 use crate::batch::{BatchConfig, CpuShare};
@@ -561,13 +561,13 @@ impl Registry {
         // A GPU model's runs leave the CPU to the others: only CPU models take turns.
         let cpu = (device == tch::Device::Cpu).then(|| ctx.cpu.join(settings.weight));
         let kind = match task {
-            Task::Detect => ModelKind::Detector {
+            Task::Detect => ModelKind::Detector(DetectorKind {
                 arch: settings.arch,
                 frozen_bn_eps: settings
                     .frozen_bn_eps
                     .or_else(|| crate::weights::hub::frozen_bn_eps_of(&settings.source)),
                 params: settings.detector,
-            },
+            }),
             Task::Classify => ModelKind::Classifier {
                 preset: settings.preset,
             },
