@@ -340,19 +340,6 @@ pub enum Results {
     Predictions(Vec<ImageResult<Vec<NamedPrediction>>>),
 }
 
-impl Results {
-    pub fn len(&self) -> usize {
-        match self {
-            Results::Detections(r) => r.len(),
-            Results::Predictions(r) => r.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// Each image's size with its output, shaped by `shape`.
 fn join<O, T>(
     sizes: Vec<Decoded>,
@@ -457,14 +444,6 @@ impl Options {
         match self {
             Options::Detect(_) => Task::Detect,
             Options::Classify(_) => Task::Classify,
-        }
-    }
-
-    /// The defaults of `task`'s options (a request that sets none).
-    pub fn defaults(task: Task) -> Self {
-        match task {
-            Task::Detect => Options::Detect(DetectOptions::default()),
-            Task::Classify => Options::Classify(ClassifyOptions::default()),
         }
     }
 }
